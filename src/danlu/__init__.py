@@ -1,0 +1,49 @@
+"""danlu (丹炉): carry a model through its whole life — data, training, evaluation, prediction.
+
+    import danlu
+    result = danlu.train("configs/fashion_cnn.yaml", ["train.epochs=1"])
+    danlu.evaluate(result.run)
+    danlu.predict(result.run, "shoe.png")
+
+Heavy modules (torch, pandas) load on first use, so `import danlu` and `danlu --help` are fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["evaluate", "load_config", "predict", "train"]
+
+
+class _CallablePackage(types.ModuleType):
+    """A stage package that is also its API verb: `danlu.train(cfg)` runs danlu.api.train while
+    `danlu.train.fit` stays the loop. (A subpackage import rebinds `danlu.train` to the package,
+    so the package itself must be callable.)"""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from danlu import api
+
+        return getattr(api, self.__name__.rsplit(".", 1)[1])(*args, **kwargs)
+
+
+def _api_package(name: str) -> None:
+    sys.modules[name].__class__ = _CallablePackage
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("train", "evaluate"):
+        import importlib
+
+        return importlib.import_module(f"danlu.{name}")
+    if name == "predict":
+        from danlu import api
+
+        return api.predict
+    if name == "load_config":
+        from danlu.config import load
+
+        return load
+    raise AttributeError(f"module 'danlu' has no attribute '{name}'")

@@ -1,0 +1,308 @@
+"""`danlu VERB ...`: a thin layer over the public API (danlu.api).
+
+A user error (config, data, files) prints one line and exits with status 2; --debug (or
+DANLU_DEBUG=1) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from danlu.errors import DanluError
+
+app = typer.Typer(
+    name="danlu",
+    help="danlu (丹炉): data → model → train → evaluate → predict, with one config and one run directory.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(
+    help="Show the resolved config or the config schema.", no_args_is_help=True
+)
+datasets_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(datasets_app, name="datasets")
+
+out = Console()
+err = Console(stderr=True)
+
+Debug = Annotated[bool, typer.Option("--debug", help="show tracebacks for errors")]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Argument(help="key=value overrides, e.g. train.epochs=2", show_default=False),
+]
+
+
+def command(fn):
+    """Run a command body, turning user errors into one line and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = kwargs.get("debug") or os.environ.get("DANLU_DEBUG") == "1"
+        _logging()
+        try:
+            return fn(*args, **kwargs)
+        except DanluError as e:
+            if debug:
+                raise
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _logging() -> None:
+    logger = logging.getLogger("danlu")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def _split_args(config: str | None, overrides: list[str] | None) -> tuple[str | None, list[str]]:
+    """`danlu train --resume RUN a=b` puts the first override where the config would go."""
+    overrides = list(overrides or [])
+    if config is not None and "=" in config and not Path(config).exists():
+        return None, [config, *overrides]
+    return config, overrides
+
+
+# --------------------------------------------------------------------------------- train
+
+
+@app.command()
+@command
+def train(
+    config: Annotated[
+        str | None, typer.Argument(help="config file or bundled example name")
+    ] = None,
+    overrides: Overrides = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="write the run here instead of runs/<name>")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="continue this run from its last checkpoint")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="resume even if the config or data changed")] = False,
+    debug: Debug = False,
+) -> None:
+    """Train a model; the run directory holds everything later stages need."""
+    from danlu import api
+    from danlu.train.loop import TrainingInterrupted
+
+    config, overrides = _split_args(config, overrides)
+    if config is None and resume is None:
+        raise DanluError("no config given", fix="run `danlu train configs/fashion_cnn.yaml`")
+    try:
+        result = api.train(config, overrides, run_dir=run_dir, resume=resume, force=force)
+    except TrainingInterrupted as e:
+        err.print(f"{e}. Resume with: danlu train --resume {e.run.path}", highlight=False)
+        raise typer.Exit(130) from None
+    _train_summary(result)
+
+
+def _train_summary(result: Any) -> None:
+    fit = result.fit
+    out.print(
+        f"run: [bold]{result.run.path}[/]  ({fit.step} steps, {fit.seconds:.1f}s, "
+        f"{fit.device}, {fit.precision})",
+        highlight=False,
+    )
+    if fit.best_value is not None:
+        out.print(
+            f"best {fit.monitor}: {fit.best_value:.4f} at step {fit.best_step}", highlight=False
+        )
+    if result.equation:
+        out.print(f"fitted: {result.equation}", highlight=False)
+
+
+# ------------------------------------------------------------------------------ evaluate
+
+
+@app.command()
+@command
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    split: Annotated[str | None, typer.Option(help="train, val or test (default: config)")] = None,
+    debug: Debug = False,
+) -> None:
+    """Score a run on a split; prints a table and writes metrics.json."""
+    from danlu import api
+
+    if split is not None and split not in ("train", "val", "test"):
+        raise DanluError(f"--split {split!r} is not a split", fix="use train, val or test")
+    metrics = api.evaluate(run, split)
+    _metrics_table(metrics, metrics["split"], run)
+
+
+def _metrics_table(metrics: dict[str, Any], split: str, run: Path) -> None:
+    table = Table(title=f"{run} · {split} split · {metrics.get('count', '?')} examples")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4f}")
+    out.print(table)
+    per_class = metrics.get("per_class")
+    if per_class:
+        t = Table(title="per class")
+        for col in ("class", "precision", "recall", "f1", "support"):
+            t.add_column(col, justify="left" if col == "class" else "right")
+        for name, m in per_class.items():
+            t.add_row(
+                name,
+                f"{m['precision']:.3f}",
+                f"{m['recall']:.3f}",
+                f"{m['f1']:.3f}",
+                str(m["support"]),
+            )
+        out.print(t)
+    cm = metrics.get("confusion_matrix")
+    if cm and len(cm) <= 12:
+        out.print("confusion matrix (rows: true, columns: predicted):")
+        for row in cm:
+            out.print("  " + " ".join(f"{v:>6d}" for v in row), highlight=False)
+
+
+# ------------------------------------------------------------------------------- predict
+
+
+@app.command()
+@command
+def predict(
+    run: Annotated[Path, typer.Argument(help="run directory")],
+    inputs: Annotated[
+        Path,
+        typer.Argument(metavar="INPUT", help="CSV/Parquet rows, an image, or a folder of images"),
+    ],
+    out_path: Annotated[
+        Path | None, typer.Option("--out", help="write predictions to this CSV")
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Predict labels (and class probabilities) or values for new inputs."""
+    from danlu import api
+    from danlu.rundir import atomic_write_text
+
+    frame = api.predict(run, inputs)
+    if out_path is not None:
+        atomic_write_text(out_path, frame.to_csv(index=False))
+        out.print(f"wrote {len(frame)} predictions to {out_path}")
+    shown = frame.head(20)
+    table = Table()
+    cols = [c for c in shown.columns if not c.startswith("prob_")][:4]
+    for c in cols:
+        table.add_column(c)
+    for _, row in shown.iterrows():
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row[cols]])
+    out.print(table)
+    if len(frame) > len(shown):
+        out.print(
+            f"… {len(frame) - len(shown)} more rows" + ("" if out_path else " (use --out FILE)")
+        )
+
+
+# ------------------------------------------------------------------------------ datasets
+
+
+@datasets_app.command("list")
+@command
+def datasets_list(debug: Debug = False) -> None:
+    """Built-in dataset names, sizes, and whether each is on this machine."""
+    from danlu.data import builtin
+
+    table = Table(title="built-in datasets (data.dataset: NAME)")
+    for col in ("name", "task", "size", "local", "source / where"):
+        table.add_column(col)
+    for b in builtin.CATALOG.values():
+        ok, where = builtin.status(b)
+        table.add_row(
+            b.name,
+            b.task,
+            b.size,
+            "[green]yes[/]" if ok else "[yellow]no[/]",
+            f"{b.source}: {where}" if ok else where,
+        )
+    out.print(table)
+    out.print(
+        "Also: a CSV/Parquet file, a folder of IDX files, CIFAR-10 batches or class subfolders."
+    )
+
+
+# -------------------------------------------------------------------------------- config
+
+
+@config_app.command("show")
+@command
+def config_show(
+    config: Annotated[str, typer.Argument(help="config file or bundled example name")],
+    overrides: Overrides = None,
+    debug: Debug = False,
+) -> None:
+    """Print the resolved config (defaults filled in, overrides applied, validated)."""
+    from danlu.config import load
+
+    sys.stdout.write(load(config, overrides or []).to_yaml())
+
+
+@config_app.command("schema")
+@command
+def config_schema(debug: Debug = False) -> None:
+    """Print the JSON schema of the config."""
+    from danlu.config import Config
+
+    sys.stdout.write(json.dumps(Config.model_json_schema(), indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------- quickstart
+
+
+@app.command()
+@command
+def quickstart(
+    overrides: Overrides = None,
+    run_dir: Annotated[Path | None, typer.Option(help="write the run here")] = None,
+    debug: Debug = False,
+) -> None:
+    """Train the Fashion-MNIST CNN, evaluate it on the 10,000 official test images."""
+    from danlu import api
+
+    result = api.train("fashion_cnn", overrides or [], run_dir=run_dir)
+    _train_summary(result)
+    metrics = api.evaluate(result.run, "test")
+    run = result.run.path
+    out.print(
+        f"\n[bold green]test accuracy: {metrics['accuracy']:.4f}[/] on "
+        f"{metrics['count']:,} test images  (f1_macro {metrics['f1_macro']:.4f})"
+    )
+    out.print(
+        f"run directory: {run}\n\nnext:\n"
+        f"  danlu evaluate {run} --split test\n"
+        f"  danlu predict {run} some_image.png --out preds.csv\n"
+        f"  tensorboard --logdir {run}/tb\n"
+        f"  danlu train configs/mnist_mlp.yaml",
+        highlight=False,
+    )
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,378 @@
+"""The one schema: every key danlu reads, validated once and frozen.
+
+A config is YAML with one section per stage (`data:`, `model:`, `train:`, `evaluate:`); the
+first word of a key names the folder whose code reads it. `load()` reads a file (or a bundled
+example by name), applies dotted `key=value` overrides, validates the result and returns a
+frozen `Config`. Every problem becomes one ConfigError line naming the full key path, the
+value received and what was expected, with a did-you-mean for unknown keys.
+
+    cfg = load("configs/fashion_cnn.yaml", ["train.max_steps=200"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from danlu.errors import ConfigError
+
+EXAMPLES_DIR = Path(__file__).parent / "configs"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+class SplitConfig(Section):
+    val: float = Field(0.1, ge=0, lt=1, description="fraction of the training data held out")
+    test: float | Literal["auto", "official"] = Field(
+        "auto",
+        description="'official' = the dataset's own test split; a fraction = carve one out; "
+        "'auto' = official where the dataset has one, else 0.2",
+    )
+    stratify: bool = Field(True, description="keep class proportions in every split")
+    seed: int | None = Field(None, description="split seed (defaults to the run's seed)")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if isinstance(self.test, float) and not 0 <= self.test < 1:
+            raise ValueError(f"test must be a fraction in [0, 1), got {self.test}")
+        if isinstance(self.test, float) and self.val + self.test >= 1:
+            raise ValueError(f"val + test must leave training data, got {self.val} + {self.test}")
+        return self
+
+
+class ImageConfig(Section):
+    resize: tuple[int, int] | None = Field(None, description="[height, width] for every image")
+    channels: Literal[1, 3] | None = Field(None, description="1 = grayscale, 3 = RGB")
+
+
+class AugmentConfig(Section):
+    crop_padding: int = Field(0, ge=0, le=16, description="random crop after zero padding")
+    hflip: bool = Field(False, description="random horizontal flip (p = 0.5)")
+    rotate: float = Field(0.0, ge=0, le=180, description="random rotation in ±degrees")
+
+
+class DataConfig(Section):
+    dataset: str = Field(description="built-in name | file | folder")
+    task: Literal["classification", "regression"] | None = Field(
+        None, description="default: the built-in dataset's task, else classification"
+    )
+    label: str | None = Field(None, description="label column of a table")
+    features: list[str] | None = Field(None, description="feature columns (default: all others)")
+    columns: dict[str, Literal["numeric", "categorical", "ignore"]] = Field(
+        default_factory=dict, description="declared column types; others are inferred"
+    )
+    missing: Literal["error", "drop", "mean", "constant"] = "error"
+    fill_value: float | str = Field(0, description="value used by missing: constant")
+    split: SplitConfig = SplitConfig()
+    normalize: bool = Field(True, description="standardize with training-split statistics")
+    image: ImageConfig = ImageConfig()
+    augment: AugmentConfig | None = None
+    max_samples: int | None = Field(None, ge=1, description="use at most N training examples")
+    max_eval_samples: int | None = Field(None, ge=1, description="at most N val/test examples")
+    mirror: str | None = Field(None, description="base URL replacing built-in download URLs")
+    cache_dir: str | None = Field(None, description="download cache (default ~/.cache/danlu)")
+    download: bool = Field(True, description="download built-in datasets missing locally")
+
+
+# --------------------------------------------------------------------------------- model
+
+Output = Literal["auto", "softmax", "sigmoid", "linear"]
+_OUTPUT = "auto = softmax for classes, linear for regression; sigmoid = one logit for 2 classes"
+
+
+class MLPConfig(Section):
+    type: Literal["mlp"]
+    hidden_sizes: list[Annotated[int, Field(ge=1)]] = [128]
+    activation: Literal["relu", "gelu", "tanh", "sigmoid", "linear"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    norm: Literal["none", "batch", "layer"] = "none"
+    output: Output = Field("auto", description=_OUTPUT)
+
+
+class CNNConfig(Section):
+    type: Literal["cnn"]
+    channels: list[Annotated[int, Field(ge=1)]] = Field([32, 64, 128], min_length=1)
+    kernel_size: int = Field(3, ge=1, le=11)
+    convs_per_block: int = Field(1, ge=1, le=4)
+    pool: Literal["max", "avg", "none"] = "max"
+    batch_norm: bool = True
+    activation: Literal["relu", "gelu"] = "relu"
+    block_dropout: float = Field(0.0, ge=0, lt=1)
+    global_pool: bool = Field(False, description="average-pool the last block instead of flatten")
+    head_sizes: list[Annotated[int, Field(ge=1)]] = [128]
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the MLP head")
+    output: Output = Field("auto", description=_OUTPUT)
+
+
+ModelConfig = Annotated[Union[MLPConfig, CNNConfig], Field(discriminator="type")]  # noqa: UP007
+
+# --------------------------------------------------------------------------------- train
+
+
+class OptimizerConfig(Section):
+    name: Literal["sgd", "adam", "adamw"] = "adamw"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd only")
+    nesterov: bool = Field(False, description="sgd only, needs momentum > 0")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+    @model_validator(mode="after")
+    def _sgd_options(self) -> OptimizerConfig:
+        if self.nesterov and (self.name != "sgd" or self.momentum == 0):
+            raise ValueError("nesterov needs name: sgd and momentum > 0")
+        if self.momentum and self.name != "sgd":
+            raise ValueError(f"momentum applies to sgd only (got name: {self.name})")
+        return self
+
+
+class ScheduleConfig(Section):
+    name: Literal["constant", "step", "cosine", "plateau"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear warmup from 0 (all schedules)")
+    step_size: int = Field(1000, ge=1, description="step: multiply lr by gamma every N steps")
+    gamma: float = Field(0.1, gt=0, le=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="cosine: floor as a fraction of lr")
+    factor: float = Field(0.5, gt=0, lt=1, description="plateau: multiply lr by this")
+    patience: int = Field(2, ge=0, description="plateau: evaluations without improvement")
+
+
+class EarlyStoppingConfig(Section):
+    metric: str | None = Field(None, description="default: train.monitor")
+    patience: int = Field(5, ge=1, description="evaluations without improvement")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class TrainConfig(Section):
+    epochs: int | None = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; wins over epochs")
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int | None = Field(None, ge=1, description="default: 2 × batch_size")
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    loss: Literal["auto", "cross_entropy", "bce", "mse", "hinge"] = "auto"
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    class_weights: Literal["none", "auto"] | list[float] = "none"
+    sampler: Literal["shuffle", "weighted", "sequential"] = "shuffle"
+    l1: float = Field(0.0, ge=0, description="L1 penalty on weights")
+    grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast where the hardware runs it fast, else fp32"
+    )
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
+    eval_every: int | None = Field(None, ge=1, description="steps; default once per epoch")
+    log_every: int = Field(50, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1, description="steps; default each eval")
+    keep_checkpoints: int = Field(2, ge=1, description="last K checkpoints kept (plus best)")
+    monitor: str = Field("val_loss", pattern=r"^(val|train)_\w+$")
+    early_stopping: EarlyStoppingConfig | None = None
+    tensorboard: bool = True
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainConfig:
+        if self.epochs is None and self.max_steps is None:
+            raise ValueError("set train.epochs or train.max_steps")
+        return self
+
+
+class EvaluateConfig(Section):
+    split: Literal["train", "val", "test"] = "test"
+    metrics: list[str] | None = Field(None, description="default: the task's standard set")
+    batch_size: int | None = Field(None, ge=1)
+
+
+class Config(Section):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 0
+    runs_dir: str = Field("runs", description="runs go to <runs_dir>/<name>/")
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+
+# ---------------------------------------------------------------------------------- load
+
+
+def examples() -> list[str]:
+    """Names of the example configs bundled with danlu (also in the repository's configs/)."""
+    return sorted(p.stem for p in EXAMPLES_DIR.glob("*.yaml"))
+
+
+def find(path: str | Path) -> Path:
+    """A config file path, or the bundled example of that name."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    example = EXAMPLES_DIR / f"{p.stem}.yaml"
+    if p.suffix in ("", ".yaml", ".yml") and len(p.parts) <= 2 and example.is_file():
+        return example
+    if p.is_dir():
+        raise ConfigError(
+            f"'{p}' is a folder, expected a YAML config file",
+            fix="pass a file such as configs/fashion_cnn.yaml (a run folder goes to --resume)",
+        )
+    raise ConfigError(
+        f"config file '{p}' not found",
+        fix=f"check the path; bundled examples: {', '.join(examples())}",
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as e:
+        where = f" line {e.problem_mark.line + 1}" if e.problem_mark else ""
+        raise ConfigError(f"{path}:{where}: invalid YAML: {e.problem}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file '{path}': {e}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML (`0.1`, `true`, `[1, 2]`)."""
+    out = _deep_copy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.split(".")):
+            raise ConfigError(
+                f"override '{item}' is not key=value",
+                fix="write it like train.max_steps=200 or model.hidden_sizes=[64,32]",
+            )
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        node = out
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                prefix = ".".join(parts[: i + 1])
+                raise ConfigError(f"override '{item}': '{prefix}' is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def load(
+    source: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Read, override and validate a config; relative data paths resolve next to the file."""
+    if isinstance(source, dict):
+        raw, origin = _deep_copy(source), "config"
+    else:
+        path = find(source)
+        raw, origin = read_yaml(path), str(path)
+        _resolve_data_path(raw, path.parent)
+    raw = apply_overrides(raw, list(overrides))
+    return validate(raw, origin)
+
+
+def validate(raw: dict[str, Any], origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ConfigError(f"{origin}: " + "; ".join(lines)) from None
+
+
+def _resolve_data_path(raw: dict[str, Any], base: Path) -> None:
+    data = raw.get("data")
+    if isinstance(data, dict) and isinstance(data.get("dataset"), str):
+        candidate = base / data["dataset"]
+        if not Path(data["dataset"]).is_absolute() and candidate.exists():
+            data["dataset"] = str(candidate.resolve())
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw
+
+
+# ------------------------------------------------------------------------ error messages
+
+
+def _describe(err: dict[str, Any]) -> str:
+    """One clause per validation problem, with the user's key path (no union tags)."""
+    path, model = _user_path(err["loc"])
+    key = ".".join(path) or "config"
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        allowed = sorted(model.model_fields) if model else []
+        close = difflib.get_close_matches(path[-1], allowed, n=1, cutoff=0.6)
+        hint = f"did you mean '{'.'.join([*path[:-1], close[0]])}'?" if close else ""
+        return f"unknown key '{key}'; {hint or 'valid keys here: ' + ', '.join(allowed)}"
+    if kind == "missing":
+        return f"missing required key '{key}'"
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = err.get("ctx", {}).get("expected_tags", "")
+        got = value.get("type") if isinstance(value, dict) else None
+        names = [t.strip(" '") for t in str(tags).split(",")]
+        close = difflib.get_close_matches(str(got), names, n=1) if got else []
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"{key}.type: got {got!r}, expected one of {tags}{hint}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {value!r})" if not isinstance(value, dict) else f"{key}: {msg}"
+
+
+def _user_path(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
+    """Walk the schema along a pydantic error location, dropping discriminator tags."""
+    path: list[str] = []
+    model: type[BaseModel] | None = Config
+    i = 0
+    while i < len(loc):
+        part = loc[i]
+        path.append(str(part))
+        field = model.model_fields.get(part) if model and isinstance(part, str) else None
+        model = None
+        if field is not None:
+            members = _models_in(field.annotation)
+            if len(members) == 1:
+                model = members[0]
+            elif members and i + 1 < len(loc):
+                tagged = {m.model_fields["type"].annotation.__args__[0]: m for m in members}
+                if loc[i + 1] in tagged:
+                    model = tagged[loc[i + 1]]
+                    i += 1
+        i += 1
+    return path, model
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _models_in(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return [m for a in typing.get_args(annotation) for m in _models_in(a)]
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return []

@@ -1,0 +1,99 @@
+"""Batches from in-memory splits, in an order that is a pure function of (seed, epoch).
+
+Because the order of epoch e is recomputed from the seed, resuming at batch k of epoch e
+costs nothing: no batch is replayed or skipped through, and the run continues exactly where
+it stopped. Augmentation draws from a generator seeded by (seed, epoch, batch), so it is
+reproducible and resumable too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass
+class Split:
+    """One split in memory: x (N, F) float32 features or (N, C, H, W) uint8 images; y (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    index: np.ndarray  # position of each example in its source (row or file order)
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def take(self, rows: np.ndarray) -> Split:
+        t = torch.as_tensor(rows, dtype=torch.long)
+        return Split(self.x[t], self.y[t], self.index[rows])
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    rows: torch.Tensor  # positions in the split, for diagnostics
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class BatchLoader:
+    """Deterministic, resumable batches over a Split.
+
+    order: "shuffle" (a fresh permutation per epoch), "weighted" (sampling with replacement by
+    `weights`, for class imbalance) or "sequential".
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        batch_size: int,
+        *,
+        order: str = "sequential",
+        seed: int = 0,
+        weights: torch.Tensor | None = None,
+        transform: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
+        augment: bool = False,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+    ) -> None:
+        if order == "weighted" and weights is None:
+            raise ValueError("order='weighted' needs per-example weights")
+        self.split, self.batch_size, self.order, self.seed = split, batch_size, order, seed
+        self.weights, self.transform, self.augment = weights, transform, augment
+        self.device = torch.device(device)
+        self.drop_last = drop_last and len(split) >= batch_size
+
+    def __len__(self) -> int:
+        n = len(self.split)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def order_of(self, epoch: int) -> torch.Tensor:
+        n = len(self.split)
+        if self.order == "sequential":
+            return torch.arange(n)
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        if self.order == "weighted":
+            return torch.multinomial(self.weights, n, replacement=True, generator=g)
+        return torch.randperm(n, generator=g)
+
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
+        """The batches of one epoch, beginning at batch `start`."""
+        order = self.order_of(epoch)
+        for b in range(start, len(self)):
+            rows = order[b * self.batch_size : (b + 1) * self.batch_size]
+            yield self.make(rows, epoch, b)
+
+    def make(self, rows: torch.Tensor, epoch: int = 0, b: int = 0) -> Batch:
+        x = self.split.x[rows].to(self.device, non_blocking=True)
+        y = self.split.y[rows].to(self.device, non_blocking=True)
+        if self.transform is not None:
+            g = None
+            if self.augment:
+                g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + b)
+            x = self.transform(x, g)
+        return Batch(x, y, rows)

@@ -1,0 +1,1 @@
+"""Serving: the Predictor that loads a run and predicts on raw inputs."""

@@ -1,0 +1,116 @@
+"""Predictor: load a run once, predict on raw inputs. The CLI, the Python API and the server
+all call it, so a prediction is the same wherever it is asked for.
+
+    p = Predictor.load("runs/fashion_cnn")
+    p.predict("shoe.png")                    # one image file
+    p.predict("photos/")                     # every image under a folder
+    p.predict(pd.read_csv("rows.csv"))       # table rows with the training feature columns
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from danlu.data.images import IMAGE_SUFFIXES, image_files
+from danlu.data.tables import is_table, read_table
+from danlu.errors import DataError
+from danlu.evaluate.metrics import probabilities
+from danlu.evaluate.run import load_model
+from danlu.rundir import RunDir
+
+
+class Predictor:
+    def __init__(self, run: RunDir, batch_size: int = 256) -> None:
+        self.run = run
+        self.model, self.cfg, self.spec, self.kind = load_model(run)
+        self.transform = self.spec.image_transform()
+        self.batch_size = batch_size
+
+    @classmethod
+    def load(cls, run: str | Path | RunDir) -> Predictor:
+        return cls(run if isinstance(run, RunDir) else RunDir.open(run))
+
+    # ------------------------------------------------------------------------ inputs
+
+    def predict(self, inputs: Any) -> pd.DataFrame:
+        """Table rows (DataFrame, dict, list of dicts, CSV/Parquet path) or images (file,
+        folder, list of files, arrays) → one row per input with the prediction."""
+        if isinstance(inputs, pd.DataFrame):
+            return self.predict_rows(inputs)
+        if isinstance(inputs, dict):
+            return self.predict_rows(pd.DataFrame([inputs]))
+        if isinstance(inputs, (str, Path)):
+            return self.predict_path(Path(inputs))
+        if isinstance(inputs, np.ndarray) and self.spec.input == "image":
+            items = list(inputs) if inputs.ndim == len(self.spec.input_shape) + 1 else [inputs]
+            return self.predict_images(items, [f"array[{i}]" for i in range(len(items))])
+        if isinstance(inputs, list) and inputs and all(isinstance(i, dict) for i in inputs):
+            return self.predict_rows(pd.DataFrame(inputs))
+        if isinstance(inputs, list) and all(isinstance(i, (str, Path)) for i in inputs):
+            return self.predict_images(list(inputs), [str(i) for i in inputs])
+        raise DataError(
+            f"cannot predict on {type(inputs).__name__} input",
+            fix="pass table rows (DataFrame, dicts, a CSV file) or images (files, a folder)",
+        )
+
+    def predict_path(self, path: Path) -> pd.DataFrame:
+        if path.is_dir():
+            files = image_files(path)
+            if not files:
+                raise DataError(
+                    f"folder '{path}' holds no image files ({', '.join(IMAGE_SUFFIXES)})"
+                )
+            return self.predict_images(files, [str(f) for f in files])
+        if not path.exists():
+            raise DataError(f"input '{path}' not found")
+        if is_table(path):
+            frame = read_table(path)
+            out = self.predict_rows(frame, origin=str(path))
+            return out
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return self.predict_images([path], [str(path)])
+        raise DataError(
+            f"input '{path}' is neither a table (.csv, .parquet) nor an image ({', '.join(IMAGE_SUFFIXES)})"
+        )
+
+    def predict_rows(self, frame: pd.DataFrame, origin: str = "input") -> pd.DataFrame:
+        x = self.spec.table_features(frame, origin)
+        return self._results(self.outputs(x), [str(i + 1) for i in range(len(frame))], "row")
+
+    def predict_images(self, items: list[Any], names: list[str]) -> pd.DataFrame:
+        outputs = []
+        for i in range(0, len(items), self.batch_size):
+            pixels = self.spec.image_pixels(items[i : i + self.batch_size])
+            outputs.append(self.outputs(pixels))
+        return self._results(torch.cat(outputs), names, "input")
+
+    # ----------------------------------------------------------------------- outputs
+
+    @torch.no_grad()
+    def outputs(self, x: torch.Tensor) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            part = x[i : i + self.batch_size].to(device)
+            if self.transform is not None:
+                part = self.transform(part)
+            out.append(self.model(part).float().cpu())
+        return torch.cat(out) if out else torch.empty(0)
+
+    def _results(self, outputs: torch.Tensor, names: list[str], key: str) -> pd.DataFrame:
+        frame = pd.DataFrame({key: names})
+        if self.spec.task == "regression":
+            frame["prediction"] = outputs.reshape(-1).numpy()
+            return frame
+        proba = probabilities(outputs, self.kind).numpy()
+        classes = self.spec.class_names
+        frame["label"] = [classes[i] for i in proba.argmax(axis=1)]
+        frame["confidence"] = proba.max(axis=1)
+        for j, name in enumerate(classes):
+            frame[f"prob_{name}"] = proba[:, j]
+        return frame
