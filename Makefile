@@ -52,7 +52,8 @@ format: setup
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 bench: setup
-	$(PY) benchmarks/run.py
+	@$(PIP) install -q -c constraints.txt -e '.[bench]' 2>&1 | grep -v "is ignored" || true
+	$(PY) benchmarks/fit_vs_peers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -24,7 +24,7 @@ from danlu.config import Config
 from danlu.errors import ConfigError, DataError
 from danlu.evaluate.metrics import metric_names
 from danlu.evaluate.run import evaluate_run
-from danlu.rundir import RunDir, now, start_lineage, update_lineage
+from danlu.rundir import RunDir, atomic_write_text, now, start_lineage, update_lineage
 from danlu.serve.predictor import Predictor
 from danlu.train import loop
 from danlu.train.objectives import Supervised, class_weights, make_loss, sample_weights
@@ -56,7 +56,8 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.cuda.is_available():  # CPU kernels are deterministic already; the switch costs ~2 s
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def train(
@@ -77,16 +78,16 @@ def train(
         cfg = _resume_config(run, config, overrides, force)
     else:
         cfg = _as_config(config, overrides)
-        run = RunDir.create(cfg, run_dir)
+        run = None  # created once data and model are known to work: no stray folders
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     bundle = data.build(**cfg.data.model_dump(), seed=cfg.seed)
     spec = bundle.spec
-    if resume is not None:
+    if run is not None:
         _check_same_data(run, bundle.content_hash, force)
-    run.write("data_card.json", bundle.card)
-    run.write("preprocess.json", spec.to_dict())
+        if run.load_config() != cfg:  # a new length (or --force): record it before training
+            atomic_write_text(run.config, cfg.to_yaml())
 
     model_cfg = cfg.model.model_dump()
     kind = models.output_kind(spec.task, model_cfg["output"])
@@ -108,6 +109,10 @@ def train(
         kind,
         spec.class_names,
     )
+    if run is None:
+        run = RunDir.create(cfg, run_dir)
+    run.write("data_card.json", bundle.card)
+    run.write("preprocess.json", spec.to_dict())
     from danlu.device import resolve_device
 
     device = str(resolve_device(t.device))
@@ -177,6 +182,7 @@ def train(
         precision=result.precision,
         train_seconds=round(result.seconds, 2),
         best={"metric": result.monitor, "value": result.best_value, "step": result.best_step},
+        stopped_early=result.stopped_early,
     )
     return TrainResult(run, cfg, result, linear_equation(run))
 
@@ -233,10 +239,6 @@ def _resume_config(run: RunDir, config: Any, overrides: Any, force: bool) -> Con
             f"the config differs from the one run '{run.path}' was trained with ({shown})",
             fix="resume with the original config, or pass --force to continue anyway",
         )
-    if changed:
-        from danlu.rundir import atomic_write_text
-
-        atomic_write_text(run.config, cfg.to_yaml())
     return cfg
 
 

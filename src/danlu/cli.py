@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from danlu.errors import DanluError
@@ -56,7 +57,7 @@ def command(fn):
         except DanluError as e:
             if debug:
                 raise
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -65,10 +66,18 @@ def command(fn):
     return wrapper
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current sys.stderr (which test runners and redirections replace)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _logging() -> None:
     logger = logging.getLogger("danlu")
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
@@ -108,10 +117,16 @@ def train(
     config, overrides = _split_args(config, overrides)
     if config is None and resume is None:
         raise DanluError("no config given", fix="run `danlu train configs/fashion_cnn.yaml`")
+    if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
+        raise DanluError(f"--run-dir '{run_dir}' is a file", fix="pass a new or empty folder")
     try:
         result = api.train(config, overrides, run_dir=run_dir, resume=resume, force=force)
     except TrainingInterrupted as e:
-        err.print(f"{e}. Resume with: danlu train --resume {e.run.path}", highlight=False)
+        err.print(
+            escape(f"{e}. Resume with: danlu train --resume {e.run.path}"),
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(130) from None
     _train_summary(result)
 
@@ -119,16 +134,17 @@ def train(
 def _train_summary(result: Any) -> None:
     fit = result.fit
     out.print(
-        f"run: [bold]{result.run.path}[/]  ({fit.step} steps, {fit.seconds:.1f}s, "
-        f"{fit.device}, {fit.precision})",
+        f"run: [bold]{escape(str(result.run.path))}[/]  ({fit.step} steps, "
+        f"{fit.seconds:.1f}s, {fit.device}, {fit.precision})",
         highlight=False,
+        soft_wrap=True,
     )
     if fit.best_value is not None:
         out.print(
             f"best {fit.monitor}: {fit.best_value:.4f} at step {fit.best_step}", highlight=False
         )
     if result.equation:
-        out.print(f"fitted: {result.equation}", highlight=False)
+        out.print(f"fitted: {escape(result.equation)}", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -151,7 +167,8 @@ def evaluate(
 
 
 def _metrics_table(metrics: dict[str, Any], split: str, run: Path) -> None:
-    table = Table(title=f"{run} · {split} split · {metrics.get('count', '?')} examples")
+    out.print(f"{escape(str(run))} · {split} split · {metrics.get('count', '?')} examples")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
@@ -165,7 +182,7 @@ def _metrics_table(metrics: dict[str, Any], split: str, run: Path) -> None:
             t.add_column(col, justify="left" if col == "class" else "right")
         for name, m in per_class.items():
             t.add_row(
-                name,
+                escape(name),
                 f"{m['precision']:.3f}",
                 f"{m['recall']:.3f}",
                 f"{m['f1']:.3f}",
@@ -199,17 +216,24 @@ def predict(
     from danlu import api
     from danlu.rundir import atomic_write_text
 
+    if out_path is not None and out_path.is_dir():
+        raise DanluError(
+            f"--out '{out_path}' is a folder", fix="pass a file name such as preds.csv"
+        )
     frame = api.predict(run, inputs)
     if out_path is not None:
-        atomic_write_text(out_path, frame.to_csv(index=False))
-        out.print(f"wrote {len(frame)} predictions to {out_path}")
+        try:
+            atomic_write_text(out_path, frame.to_csv(index=False))
+        except OSError as e:
+            raise DanluError(f"cannot write predictions to '{out_path}': {e.strerror}") from None
+        out.print(escape(f"wrote {len(frame)} predictions to {out_path}"), soft_wrap=True)
     shown = frame.head(20)
     table = Table()
     cols = [c for c in shown.columns if not c.startswith("prob_")][:4]
     for c in cols:
         table.add_column(c)
     for _, row in shown.iterrows():
-        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else str(v) for v in row[cols]])
+        table.add_row(*[f"{v:.4f}" if isinstance(v, float) else escape(str(v)) for v in row[cols]])
     out.print(table)
     if len(frame) > len(shown):
         out.print(
@@ -285,7 +309,7 @@ def quickstart(
     result = api.train("fashion_cnn", overrides or [], run_dir=run_dir)
     _train_summary(result)
     metrics = api.evaluate(result.run, "test")
-    run = result.run.path
+    run = escape(str(result.run.path))
     out.print(
         f"\n[bold green]test accuracy: {metrics['accuracy']:.4f}[/] on "
         f"{metrics['count']:,} test images  (f1_macro {metrics['f1_macro']:.4f})"
@@ -297,6 +321,7 @@ def quickstart(
         f"  tensorboard --logdir {run}/tb\n"
         f"  danlu train configs/mnist_mlp.yaml",
         highlight=False,
+        soft_wrap=True,
     )
 
 

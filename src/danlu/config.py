@@ -177,7 +177,11 @@ class TrainConfig(Section):
     log_every: int = Field(50, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="steps; default each eval")
     keep_checkpoints: int = Field(2, ge=1, description="last K checkpoints kept (plus best)")
-    monitor: str = Field("val_loss", pattern=r"^(val|train)_\w+$")
+    monitor: str = Field(
+        "val_loss",
+        pattern=r"^val_\w+$",
+        description="validation metric that picks the best weights",
+    )
     early_stopping: EarlyStoppingConfig | None = None
     tensorboard: bool = True
 
@@ -223,14 +227,14 @@ def find(path: str | Path) -> Path:
     p = Path(path)
     if p.is_file():
         return p
-    example = EXAMPLES_DIR / f"{p.stem}.yaml"
-    if p.suffix in ("", ".yaml", ".yml") and len(p.parts) <= 2 and example.is_file():
-        return example
     if p.is_dir():
         raise ConfigError(
             f"'{p}' is a folder, expected a YAML config file",
             fix="pass a file such as configs/fashion_cnn.yaml (a run folder goes to --resume)",
         )
+    example = EXAMPLES_DIR / f"{p.stem}.yaml"
+    if p.suffix in ("", ".yaml", ".yml") and len(p.parts) <= 2 and example.is_file():
+        return example
     raise ConfigError(
         f"config file '{p}' not found",
         fix=f"check the path; bundled examples: {', '.join(examples())}",
@@ -298,7 +302,16 @@ def validate(raw: dict[str, Any], origin: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as e:
-        lines = [_describe(err) for err in e.errors()]
+        # one clause per key: the members of a union (`float | "auto"`) each report an error
+        found: dict[str, tuple[str, list[str], str]] = {}
+        for err in e.errors():
+            key, text, got = _describe(err)
+            generic = bool(got)  # "key: what was expected (got value)"
+            _, texts, _ = found.setdefault(key, (f"{key}: " if generic else "", [], got))
+            text = text.removeprefix(f"{key}: ") if generic else text
+            if text not in texts:
+                texts.append(text)
+        lines = [head + ", or ".join(texts) + got for head, texts, got in found.values()]
         raise ConfigError(f"{origin}: " + "; ".join(lines)) from None
 
 
@@ -321,41 +334,50 @@ def _deep_copy(raw: Any) -> Any:
 # ------------------------------------------------------------------------ error messages
 
 
-def _describe(err: dict[str, Any]) -> str:
-    """One clause per validation problem, with the user's key path (no union tags)."""
-    path, model = _user_path(err["loc"])
+def _describe(err: dict[str, Any]) -> tuple[str, str, str]:
+    """(key, clause, " (got value)") for one validation problem, with the user's key path."""
+    path, owner = _user_path(err["loc"])
     key = ".".join(path) or "config"
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
-        allowed = sorted(model.model_fields) if model else []
+        allowed = sorted(owner.model_fields) if owner else []
         close = difflib.get_close_matches(path[-1], allowed, n=1, cutoff=0.6)
         hint = f"did you mean '{'.'.join([*path[:-1], close[0]])}'?" if close else ""
-        return f"unknown key '{key}'; {hint or 'valid keys here: ' + ', '.join(allowed)}"
+        return key, f"unknown key '{key}'; {hint or 'valid keys here: ' + ', '.join(allowed)}", ""
     if kind == "missing":
-        return f"missing required key '{key}'"
+        return key, f"missing required key '{key}'", ""
     if kind in ("union_tag_invalid", "union_tag_not_found"):
-        tags = err.get("ctx", {}).get("expected_tags", "")
+        field = owner.model_fields.get(path[-1]) if owner else None
+        tags = [m.model_fields["type"].annotation.__args__[0] for m in _members(field)]
+        expected = ", ".join(f"'{t}'" for t in tags)
         got = value.get("type") if isinstance(value, dict) else None
-        names = [t.strip(" '") for t in str(tags).split(",")]
-        close = difflib.get_close_matches(str(got), names, n=1) if got else []
+        if got is None:
+            return key, f"missing required key '{key}.type' (one of {expected})", ""
+        close = difflib.get_close_matches(str(got), tags, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"{key}.type: got {got!r}, expected one of {tags}{hint}"
+        return key, f"{key}.type: got {got!r}, expected one of {expected}{hint}", ""
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg} (got {value!r})" if not isinstance(value, dict) else f"{key}: {msg}"
+    if isinstance(value, dict) and kind in ("value_error", "assertion_error"):
+        return key, f"{key}: {msg}", ""  # a cross-field check: the message names the values
+    return key, f"{key}: {msg}", f" (got {value!r})"
 
 
 def _user_path(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]:
-    """Walk the schema along a pydantic error location, dropping discriminator tags."""
+    """Walk the schema along a pydantic error location, dropping union member tags.
+
+    Returns the user's key path and the section model that holds its last key."""
     path: list[str] = []
     model: type[BaseModel] | None = Config
+    owner: type[BaseModel] | None = Config
     i = 0
     while i < len(loc):
         part = loc[i]
         path.append(str(part))
+        owner = model
         field = model.model_fields.get(part) if model and isinstance(part, str) else None
         model = None
         if field is not None:
-            members = _models_in(field.annotation)
+            members = _members(field)
             if len(members) == 1:
                 model = members[0]
             elif members and i + 1 < len(loc):
@@ -363,8 +385,22 @@ def _user_path(loc: tuple[Any, ...]) -> tuple[list[str], type[BaseModel] | None]
                 if loc[i + 1] in tagged:
                     model = tagged[loc[i + 1]]
                     i += 1
+            elif _is_union(field.annotation) and i + 1 < len(loc):
+                i += 1  # `float | Literal[...]`: pydantic names the member tried; drop it
         i += 1
-    return path, model
+    return path, owner
+
+
+def _members(field: Any) -> list[type[BaseModel]]:
+    return _models_in(field.annotation) if field is not None else []
+
+
+def _is_union(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _is_union(typing.get_args(annotation)[0])
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return origin in (Union, types.UnionType) and len(args) > 1
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:

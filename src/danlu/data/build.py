@@ -74,7 +74,7 @@ class DataBundle:
             transform=transform,
             augment=train and transform is not None and transform.augments,
             device=device,
-            drop_last=False,
+            drop_last="single" if train else False,
         )
 
 
@@ -329,7 +329,7 @@ def _table(
         _check_classes({k: (None, s.y.numpy(), None) for k, s in splits.items()}, classes, origin)
     spec = DataSpec(task, "table", [x.shape[1]], classes, label, pre.to_dict(), None)
     digest = _hash_frames([raw.frame] + ([raw.test_frame] if raw.test_frame is not None else []))
-    findings = findings_for(splits, classes, {k: v[0] for k, v in parts.items()})
+    findings = findings_for(splits, classes, {k: s.x.numpy() for k, s in splits.items()})
     findings += _table_findings(frame, names, dropped)
     columns = [
         {

@@ -188,8 +188,13 @@ def load_image(
 
 
 def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, skipping hidden files and folders (._x.png, .ipynb_checkpoints)."""
     return sorted(
-        p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -197,7 +202,10 @@ def read_class_folder(
     folder: Path, channels: int | None, size: tuple[int, int] | None, classes: list[str] | None
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Images in <folder>/<class>/*.png; returns x, y, class names, files."""
-    names = classes or sorted(d.name for d in folder.iterdir() if d.is_dir())
+    # hidden folders (.ipynb_checkpoints, .git, ...) are not classes
+    names = classes or sorted(
+        d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".")
+    )
     files, labels = [], []
     for label, name in enumerate(names):
         found = image_files(folder / name) if (folder / name).is_dir() else []
@@ -228,9 +236,13 @@ def read_image_folder(
     """A folder of class subfolders, or train/ and test/ folders each holding class subfolders."""
     if (folder / "train").is_dir() and (folder / "test").is_dir():
         x, y, names, files = read_class_folder(folder / "train", channels, size, None)
-        channels = channels or x.shape[1]
-        size = size or (x.shape[2], x.shape[3])
-        tx, ty, _, tfiles = read_class_folder(folder / "test", channels, size, names)
+        tx, ty, _, tfiles = read_class_folder(folder / "test", channels or x.shape[1], size, names)
+        if tx.shape[2:] != x.shape[2:]:
+            raise DataError(
+                f"test images are {tx.shape[2]}×{tx.shape[3]} ('{tfiles[0]}') but training "
+                f"images are {x.shape[2]}×{x.shape[3]} ('{files[0]}')",
+                fix="set data.image.resize: [height, width] to resize every image",
+            )
         return RawImages(x, y, names, str(folder), tx, ty, files, tfiles)
     x, y, names, files = read_class_folder(folder, channels, size, None)
     return RawImages(x, y, names, str(folder), files=files)
@@ -254,7 +266,7 @@ class ImageTransform:
         return bool(self.crop_padding or self.hflip or self.rotate)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        x = x.float().div_(255.0)  # (B, C, H, W)
+        x = x.float() / 255.0  # (B, C, H, W), never in place on the caller's tensor
         if generator is not None and self.augments:
             x = augment(x, generator, self.crop_padding, self.hflip, self.rotate)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)

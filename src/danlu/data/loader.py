@@ -59,14 +59,18 @@ class BatchLoader:
         transform: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor] | None = None,
         augment: bool = False,
         device: torch.device | str = "cpu",
-        drop_last: bool = False,
+        drop_last: bool | str = False,
     ) -> None:
         if order == "weighted" and weights is None:
             raise ValueError("order='weighted' needs per-example weights")
         self.split, self.batch_size, self.order, self.seed = split, batch_size, order, seed
         self.weights, self.transform, self.augment = weights, transform, augment
         self.device = torch.device(device)
-        self.drop_last = drop_last and len(split) >= batch_size
+        # a last batch of one example breaks BatchNorm in training: drop_last="single" skips it
+        n = len(split)
+        self.drop_last = (drop_last is True and n >= batch_size) or (
+            drop_last == "single" and n > 1 and n % batch_size == 1
+        )
 
     def __len__(self) -> int:
         n = len(self.split)

@@ -21,17 +21,23 @@ def carve(
     stratify: bool,
     what: str,
     origin: str,
+    whole: float = 1.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split positions `pool` into (rest, part) with `part` ≈ fraction of the pool."""
+    """Split positions `pool` into (rest, part) with `part` ≈ fraction of the pool.
+
+    `whole` is the share of all the data the pool holds: errors quote the configured fraction
+    (`fraction * whole`), not the share of the pool.
+    """
     if fraction <= 0:
         return pool, pool[:0]
     n_part = round(fraction * len(pool))
     if n_part == 0 or n_part >= len(pool):
+        left = "" if whole == 1 else " left after the test split"
         raise DataError(
-            f"{origin}: data.split.{what}={fraction} of {len(pool)} examples gives "
-            f"{'an empty' if n_part == 0 else 'no training data besides the'} {what} split",
-            fix=f"use a fraction between {1 / len(pool):.3g} and {1 - 1 / len(pool):.3g}, "
-            f"or data.split.{what}: 0",
+            f"{origin}: data.split.{what}={fraction * whole:g} of the {len(pool)} examples{left} "
+            f"gives {'an empty' if n_part == 0 else 'no training data besides the'} {what} split",
+            fix=f"use a fraction between {whole / len(pool):.3g} and "
+            f"{whole * (1 - 1 / len(pool)):.3g}, or data.split.{what}: 0",
         )
     labels = y[pool] if (stratify and y is not None) else None
     if labels is not None:
@@ -71,9 +77,16 @@ def split_positions(
         )
         how = f"fraction {test}"
     # val is a fraction of the whole, carved out of what remains after the test split
-    val_share = val / (1 - float(test)) if how != "official" and val else val
+    whole = 1.0 if how == "official" else 1 - float(test)
     out["train"], out["val"] = carve(
-        pool, y, val_share, seed=seed + 1, stratify=stratify, what="val", origin=origin
+        pool,
+        y,
+        val / whole,
+        seed=seed + 1,
+        stratify=stratify,
+        what="val",
+        origin=origin,
+        whole=whole,
     )
     return out, how
 

@@ -45,7 +45,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         if name.endswith((".parquet", ".pq")):
             frame = pd.read_parquet(path)
         else:
-            sep = "\t" if ".tsv" in name else None
+            sep = "\t" if ".tsv" in name else None if name.endswith(".txt") else ","
             frame = pd.read_csv(path, sep=sep, engine="python" if sep is None else "c")
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as e:
         raise DataError(f"cannot read table '{path}': {str(e).splitlines()[0]}") from None
@@ -185,7 +185,7 @@ class TablePreprocessor:
                 fill = mean if missing == "mean" else _number(fill_value, name)
                 col = Column(name, kind, mean, std if std > 1e-12 else 1.0, fill)
             else:
-                values = frame[name].dropna().astype(str)
+                values = frame[name].dropna().map(_label_text)
                 cats = sorted(values.unique().tolist())
                 if len(cats) > MAX_CATEGORIES:
                     raise DataError(
@@ -223,8 +223,13 @@ class TablePreprocessor:
                 v = numeric_or_error(frame[c.name], origin).fillna(c.fill).to_numpy()
                 parts.append(((v - c.mean) / c.std if self.normalize else v)[:, None])
             else:
-                v = frame[c.name].astype(object).where(frame[c.name].notna(), c.fill).astype(str)
-                codes = pd.Categorical(v, categories=c.categories).codes
+                v = (
+                    frame[c.name]
+                    .map(_label_text, na_action="ignore")
+                    .where(frame[c.name].notna(), c.fill)
+                )
+                lookup = {cat: i for i, cat in enumerate(c.categories)}
+                codes = v.map(lookup).fillna(-1).to_numpy(np.int64)  # unseen → -1 → all zeros
                 onehot = np.zeros((len(frame), len(c.categories)))
                 known = codes >= 0
                 onehot[np.nonzero(known)[0], codes[known]] = 1.0
@@ -285,6 +290,7 @@ def encode_labels(
 
 
 def _label_text(v: Any) -> str:
-    if isinstance(v, float) and v.is_integer():
+    """A value as category text; 3.0 (an int column with holes reads as float) is '3'."""
+    if isinstance(v, (float, np.floating)) and float(v).is_integer():
         return str(int(v))
     return str(v)

@@ -74,12 +74,20 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read weights '{path}' ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [
+        f"{k} {list(state[k].shape)} (model: {list(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or wrong:
         raise CheckpointError(
             f"weights '{path}' do not fit the model built from the run's config "
             f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: "
-            f"{', '.join(unexpected[:5]) or 'none'})",
+            f"{', '.join(unexpected[:5]) or 'none'}; wrong shape: {', '.join(wrong[:5]) or 'none'})",
             fix="the config.yaml or weights were changed after training",
         )
+    model.load_state_dict(state)
     return model

@@ -109,8 +109,8 @@ def build_cnn(input_shape: list[int], num_outputs: int, **kwargs) -> CNN:
         from danlu.errors import ConfigError
 
         raise ConfigError(
-            f"model.type: cnn needs image inputs (channels, height, width), but the data gives "
-            f"{input_shape[0]} table features",
+            "model.type: cnn needs image inputs (channels, height, width), but the data gives "
+            f"inputs of shape {tuple(input_shape)}",
             fix="use model.type: mlp for tables",
         )
     return CNN(list(input_shape), num_outputs, **kwargs)

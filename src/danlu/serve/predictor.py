@@ -47,12 +47,18 @@ class Predictor:
         if isinstance(inputs, (str, Path)):
             return self.predict_path(Path(inputs))
         if isinstance(inputs, np.ndarray) and self.spec.input == "image":
-            items = list(inputs) if inputs.ndim == len(self.spec.input_shape) + 1 else [inputs]
+            items = list(inputs) if _image_batch(inputs) else [inputs]
             return self.predict_images(items, [f"array[{i}]" for i in range(len(items))])
+        if isinstance(inputs, list) and not inputs and self.spec.table is not None:
+            columns = [c["name"] for c in self.spec.table["columns"]]
+            return self.predict_rows(pd.DataFrame(columns=columns))  # no rows: an empty result
         if isinstance(inputs, list) and inputs and all(isinstance(i, dict) for i in inputs):
             return self.predict_rows(pd.DataFrame(inputs))
-        if isinstance(inputs, list) and all(isinstance(i, (str, Path)) for i in inputs):
-            return self.predict_images(list(inputs), [str(i) for i in inputs])
+        if isinstance(inputs, list) and all(isinstance(i, (str, Path, np.ndarray)) for i in inputs):
+            names = [
+                f"array[{i}]" if isinstance(x, np.ndarray) else str(x) for i, x in enumerate(inputs)
+            ]
+            return self.predict_images(list(inputs), names)
         raise DataError(
             f"cannot predict on {type(inputs).__name__} input",
             fix="pass table rows (DataFrame, dicts, a CSV file) or images (files, a folder)",
@@ -83,7 +89,7 @@ class Predictor:
         return self._results(self.outputs(x), [str(i + 1) for i in range(len(frame))], "row")
 
     def predict_images(self, items: list[Any], names: list[str]) -> pd.DataFrame:
-        outputs = []
+        outputs = [self.outputs(self.spec.image_pixels([]))]  # (0, K): no inputs, no rows
         for i in range(0, len(items), self.batch_size):
             pixels = self.spec.image_pixels(items[i : i + self.batch_size])
             outputs.append(self.outputs(pixels))
@@ -95,12 +101,12 @@ class Predictor:
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
         device = next(self.model.parameters()).device
         out = []
-        for i in range(0, len(x), self.batch_size):
+        for i in range(0, max(len(x), 1), self.batch_size):  # an empty x still gives (0, K)
             part = x[i : i + self.batch_size].to(device)
             if self.transform is not None:
                 part = self.transform(part)
             out.append(self.model(part).float().cpu())
-        return torch.cat(out) if out else torch.empty(0)
+        return torch.cat(out)
 
     def _results(self, outputs: torch.Tensor, names: list[str], key: str) -> pd.DataFrame:
         frame = pd.DataFrame({key: names})
@@ -114,3 +120,10 @@ class Predictor:
         for j, name in enumerate(classes):
             frame[f"prob_{name}"] = proba[:, j]
         return frame
+
+
+def _image_batch(arr: np.ndarray) -> bool:
+    """(N, C, H, W) or (N, H, W) is a batch; (H, W), (C, H, W) and (H, W, C) are one image."""
+    if arr.ndim == 4:
+        return True
+    return arr.ndim == 3 and arr.shape[0] not in (1, 3) and arr.shape[-1] not in (1, 3)

@@ -18,7 +18,8 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -56,6 +57,25 @@ class TrainingInterrupted(Exception):
         super().__init__(f"training stopped at step {step}; checkpoint saved in {run.checkpoints}")
 
 
+@dataclass
+class _State:
+    """What a checkpoint restores besides weights, optimizer and RNG (saved as state.json)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # batches of the current epoch already consumed
+    best_value: float | None = None
+    best_step: int | None = None
+    stop_best: float | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    elapsed: float = 0.0
+    last_eval: int = -1
+    last_ckpt: int = -1
+    window_loss: float = 0.0  # loss × samples since the last train log line
+    window_samples: int = 0
+
+
 def fit(
     model: nn.Module,
     objective: Any,
@@ -85,7 +105,6 @@ def fit(
 ) -> FitResult:
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    model.to(dev)
     has_val = val_loader is not None and len(val_loader.split) > 0
     monitor = _check_monitor(monitor, has_val, metric_names)
     stop_metric = _check_monitor(
@@ -94,161 +113,223 @@ def fit(
         metric_names,
         key="train.early_stopping.metric",
     )
-    n_batches = len(train_loader)
-    per_epoch = math.ceil(n_batches / grad_accum)
+    model.to(dev)
+    per_epoch = math.ceil(len(train_loader) / grad_accum)
     total = max_steps or (epochs or 1) * per_epoch
     opt = build_optimizer(model, **(optimizer or {"name": "adamw", "lr": 1e-3}))
     sched = Schedule(
         opt, total_steps=total, lower_is_better=lower_is_better(monitor), **(schedule or {})
     )
-    state: dict[str, Any] = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "best_value": None,
-        "best_step": None,
-        "bad_evals": 0,
-        "stopped_early": False,
-        "elapsed": 0.0,
-        "last_eval": -1,
-        "last_ckpt": -1,
-    }
-    resumed_from = None
+    state, resumed_from = _State(), None
     if resume and (path := checkpoint.latest(run)) is not None:
-        state.update(checkpoint.load(path, model=model, optimizer=opt))
-        sched.load_state_dict(state.pop("schedule"))
-        resumed_from = state["step"]
-        trim_history(run, state["step"])
-    sched.apply(state["step"])
-
-    def save_checkpoint() -> None:
-        state["last_ckpt"] = state["step"]
-        checkpoint.save(
-            run,
-            state["step"],
-            model=model,
-            optimizer=opt,
-            state={**state, "schedule": sched.state_dict()},
-            keep=keep_checkpoints,
-            protect=state["best_step"],
-        )
-
-    def evaluate(log: RunLog) -> bool:
-        """Score the validation split; returns True when training should stop early."""
-        state["last_eval"] = state["step"]
-        metrics = validate(model, objective, val_loader, dev, prec)
-        value = metrics[monitor]
-        best = state["best_value"] is None or _better(value, state["best_value"], monitor, 0.0)
-        if best:
-            state["best_value"], state["best_step"] = value, state["step"]
-            checkpoint.save_weights(run, model, step=state["step"], **{monitor: value})
-        log.evaluation(state["step"], state["epoch"], metrics, best)
-        if sched.observe(metrics[monitor]):
-            sched.apply(state["step"])
-            log.note(
-                f"plateau: {monitor} stopped improving; learning rate lowered to {sched.lr:.2e}"
-            )
-        if early_stopping is None:
-            return False
-        ref = state.get("stop_best")
-        if ref is None or _better(
-            metrics[stop_metric], ref, stop_metric, early_stopping.get("min_delta", 0.0)
-        ):
-            state["stop_best"], state["bad_evals"] = metrics[stop_metric], 0
-            return False
-        state["bad_evals"] += 1
-        return state["bad_evals"] >= early_stopping.get("patience", 5)
-
-    t_start = time.perf_counter()
-    with (
-        RunLog(
-            run,
-            total_steps=total,
-            start_step=state["step"],
-            tensorboard=tensorboard,
-            show=show_progress,
-        ) as log,
-        _StopSignals() as signals,
-    ):
+        saved = checkpoint.load(path, model=model, optimizer=opt)
+        sched.load_state_dict(saved.pop("schedule"))
+        state = _State(**{k: v for k, v in saved.items() if k in _State.__dataclass_fields__})
+        resumed_from = state.step
+        trim_history(run, state.step)
+    sched.apply(state.step)
+    log = RunLog(
+        run, total_steps=total, start_step=state.step, tensorboard=tensorboard, show=show_progress
+    )
+    loop = _Loop(
+        model,
+        objective,
+        val_loader if has_val else None,
+        run,
+        opt,
+        sched,
+        log,
+        state,
+        dev=dev,
+        prec=prec,
+        total=total,
+        monitor=monitor,
+        stop_metric=stop_metric,
+        early_stopping=early_stopping,
+        eval_every=eval_every,
+        log_every=log_every,
+        checkpoint_every=checkpoint_every,
+        keep=keep_checkpoints,
+        batches_per_epoch=len(train_loader),
+    )
+    with log, _StopSignals() as signals:
         if resumed_from is not None:
-            log.note(
-                f"resumed from step {resumed_from} (epoch {state['epoch']}, batch {state['batch']})"
-            )
+            log.note(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.batch})")
         log.note(
             f"training {total} steps on {dev} in {prec} "
-            f"({n_batches} batches per epoch, {per_epoch} steps per epoch)"
+            f"({len(train_loader)} batches per epoch, {per_epoch} steps per epoch)"
         )
         model.train()
-        window_loss, window_samples, window_t = 0.0, 0, time.perf_counter()
-        done = state["step"] >= total or state["stopped_early"]
-        while not done:
-            micro: list[Batch] = []
-            for batch in train_loader.epoch(state["epoch"], start=state["batch"]):
-                micro.append(batch)
-                if len(micro) < grad_accum and state["batch"] + len(micro) < n_batches:
-                    continue
+        while not loop.done:
+            for micro in _groups(train_loader, state, grad_accum):
                 loss = train_step(model, objective, micro, opt, dev, prec, grad_clip, l1)
-                state["batch"] += len(micro)
-                state["step"] += 1
-                sched.apply(state["step"])
-                window_loss += loss * sum(len(b) for b in micro)
-                window_samples += sum(len(b) for b in micro)
-                micro = []
-                step = state["step"]
-                if step % log_every == 0 or step == total:
-                    now = time.perf_counter()
-                    log.train(
-                        step,
-                        state["epoch"],
-                        window_loss / window_samples,
-                        sched.lr,
-                        window_samples / max(now - window_t, 1e-9),
-                    )
-                    window_loss, window_samples, window_t = 0.0, 0, now
-                else:
-                    log.step(step)
-                epoch_end = state["batch"] == n_batches
-                if has_val and (step % eval_every == 0 if eval_every else epoch_end):
-                    state["stopped_early"] = evaluate(log)
-                if (
-                    step % checkpoint_every == 0
-                    if checkpoint_every
-                    else (state["last_eval"] == step or (not has_val and epoch_end))
-                ):
-                    save_checkpoint()
+                loop.after_step(micro, loss)
                 if signals.received:
-                    save_checkpoint()
-                    raise TrainingInterrupted(run, step)
-                if step >= total or state["stopped_early"]:
-                    done = True
+                    loop.checkpoint()
+                    raise TrainingInterrupted(run, state.step)
+                if loop.done:
                     break
-            else:
-                state["epoch"] += 1
-                state["batch"] = 0
-        if has_val and state["last_eval"] != state["step"]:
-            evaluate(log)
-        if state["stopped_early"]:
-            log.note(
-                f"early stopping at step {state['step']}: {stop_metric} did not improve "
-                f"for {state['bad_evals']} evaluations"
-            )
-        if not has_val:
-            checkpoint.save_weights(run, model, step=state["step"])
-        if state["last_ckpt"] != state["step"]:
-            save_checkpoint()
-    state["elapsed"] += time.perf_counter() - t_start
+        loop.finish()
     return FitResult(
-        state["step"],
-        state["epoch"],
+        state.step,
+        state.epoch,
         monitor,
-        state["best_value"],
-        state["best_step"],
-        state["stopped_early"],
-        state["elapsed"],
+        state.best_value,
+        state.best_step,
+        state.stopped_early,
+        state.elapsed,
         str(dev),
         prec,
         resumed_from,
     )
+
+
+def _groups(loader: BatchLoader, state: _State, grad_accum: int) -> Iterator[list[Batch]]:
+    """Micro-batch groups (one per optimizer step) from the saved data position onward."""
+    while True:
+        group: list[Batch] = []
+        for batch in loader.epoch(state.epoch, start=state.batch):
+            group.append(batch)
+            if len(group) == grad_accum or state.batch + len(group) == len(loader):
+                yield group
+                group = []
+        state.epoch, state.batch = state.epoch + 1, 0
+
+
+class _Loop:
+    """The bookkeeping of one fit() call: logging, evaluation, best weights, early stopping
+    and checkpoints after each optimizer step. `fit` above reads as the loop itself."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Any,
+        val_loader: BatchLoader | None,
+        run: RunDir,
+        opt: torch.optim.Optimizer,
+        sched: Schedule,
+        log: RunLog,
+        state: _State,
+        *,
+        dev: torch.device,
+        prec: str,
+        total: int,
+        monitor: str,
+        stop_metric: str,
+        early_stopping: dict[str, Any] | None,
+        eval_every: int | None,
+        log_every: int,
+        checkpoint_every: int | None,
+        keep: int,
+        batches_per_epoch: int,
+    ) -> None:
+        self.model, self.objective, self.val_loader, self.run = model, objective, val_loader, run
+        self.opt, self.sched, self.log, self.state = opt, sched, log, state
+        self.dev, self.prec, self.total, self.monitor = dev, prec, total, monitor
+        self.stop_metric, self.early_stopping = stop_metric, early_stopping
+        self.eval_every, self.log_every, self.checkpoint_every = (
+            eval_every,
+            log_every,
+            checkpoint_every,
+        )
+        self.keep, self.batches_per_epoch = keep, batches_per_epoch
+        self.t0, self.elapsed0 = time.perf_counter(), state.elapsed
+        self.window_t, self.window_seen = time.perf_counter(), 0  # throughput of this process
+
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total or self.state.stopped_early
+
+    def after_step(self, micro: list[Batch], loss: float) -> None:
+        s = self.state
+        samples = sum(len(b) for b in micro)
+        s.batch, s.step = s.batch + len(micro), s.step + 1
+        self.sched.apply(s.step)
+        s.window_loss += loss * samples
+        s.window_samples += samples
+        self.window_seen += samples
+        if s.step % self.log_every == 0 or s.step == self.total:
+            now = time.perf_counter()
+            self.log.train(
+                s.step,
+                s.epoch,
+                s.window_loss / s.window_samples,
+                self.sched.lr,
+                self.window_seen / max(now - self.window_t, 1e-9),
+            )
+            s.window_loss, s.window_samples = 0.0, 0
+            self.window_t, self.window_seen = now, 0
+        else:
+            self.log.step(s.step)
+        epoch_end = s.batch == self.batches_per_epoch
+        # the last step is always scored before its checkpoint, so that checkpoint holds the
+        # final best value (and resuming a finished run does not score it twice)
+        due = s.step % self.eval_every == 0 if self.eval_every else epoch_end
+        if self.val_loader is not None and (due or s.step >= self.total):
+            self.evaluate()
+        if (
+            s.step % self.checkpoint_every == 0
+            if self.checkpoint_every
+            else s.last_eval == s.step or (self.val_loader is None and epoch_end)
+        ):
+            self.checkpoint()
+
+    def evaluate(self) -> None:
+        s = self.state
+        s.last_eval = s.step
+        metrics = validate(self.model, self.objective, self.val_loader, self.dev, self.prec)
+        value = metrics.get(self.monitor, math.nan)  # e.g. roc_auc on a one-class split
+        best = s.best_value is None or _better(value, s.best_value, self.monitor, 0.0)
+        if best and not math.isnan(value):
+            s.best_value, s.best_step = value, s.step
+            checkpoint.save_weights(self.run, self.model, step=s.step, **{self.monitor: value})
+        self.log.evaluation(s.step, s.epoch, metrics, best)
+        if self.sched.observe(value):
+            self.sched.apply(s.step)
+            self.log.note(
+                f"plateau: {self.monitor} stopped improving; "
+                f"learning rate lowered to {self.sched.lr:.2e}"
+            )
+        if self.early_stopping is None:
+            return
+        current = metrics.get(self.stop_metric, math.nan)
+        if s.stop_best is None or _better(
+            current, s.stop_best, self.stop_metric, self.early_stopping.get("min_delta", 0.0)
+        ):
+            s.stop_best, s.bad_evals = current, 0
+            return
+        s.bad_evals += 1
+        s.stopped_early = s.bad_evals >= self.early_stopping.get("patience", 5)
+
+    def checkpoint(self) -> None:
+        s = self.state
+        if s.last_ckpt == s.step:
+            return
+        s.last_ckpt = s.step
+        s.elapsed = self.elapsed0 + time.perf_counter() - self.t0
+        checkpoint.save(
+            self.run,
+            s.step,
+            model=self.model,
+            optimizer=self.opt,
+            state={**asdict(s), "schedule": self.sched.state_dict()},
+            keep=self.keep,
+            protect=s.best_step,
+        )
+
+    def finish(self) -> None:
+        s = self.state
+        if self.val_loader is not None and s.last_eval != s.step:
+            self.evaluate()
+        if s.stopped_early:
+            self.log.note(
+                f"early stopping at step {s.step}: {self.stop_metric} did not "
+                f"improve for {s.bad_evals} evaluations"
+            )
+        if self.val_loader is None:
+            checkpoint.save_weights(self.run, self.model, step=s.step)
+        self.checkpoint()
+        s.elapsed = self.elapsed0 + time.perf_counter() - self.t0
 
 
 def train_step(
