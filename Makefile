@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "== installing torch==$(TORCH_VERSION) (CPU wheel)"
 	@$(PIP) install -q torch==$(TORCH_VERSION) 2>&1 | grep -v "is ignored" || true
-	@$(PY) -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(TORCH_VERSION)')" \
+	@$(PY) -c "import importlib.metadata as m, sys; sys.exit(m.version('torch').split('+')[0] != '$(TORCH_VERSION)')" \
 		|| { echo "torch $(TORCH_VERSION) could not be installed"; exit 1; }
 	@echo "== installing danlu with all extras"
 	@$(PIP) install -q -c constraints.txt -e '.[all,dev]' 2>&1 | grep -v "is ignored" || true

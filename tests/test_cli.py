@@ -252,6 +252,10 @@ def test_predict_an_image_folder(image_folder):
     one = cli("predict", "runs/images", next(image_folder.glob("class_1/*.png")))
     assert one.code == 0, one.stderr
     assert "class_" in one.stdout
+    files = sorted(image_folder.glob("class_2/*.png"))[:3]
+    several = cli("predict", "runs/images", *files, "--out", "three.csv")
+    assert several.code == 0, several.stderr
+    assert list(pd.read_csv("three.csv")["input"]) == [str(f) for f in files]
 
 
 def test_predict_user_errors(tiny_run, blobs_csv, rows_csv):

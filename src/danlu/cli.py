@@ -204,8 +204,10 @@ def _metrics_table(metrics: dict[str, Any], split: str, run: Path) -> None:
 def predict(
     run: Annotated[Path, typer.Argument(help="run directory")],
     inputs: Annotated[
-        Path,
-        typer.Argument(metavar="INPUT", help="CSV/Parquet rows, an image, or a folder of images"),
+        list[Path],
+        typer.Argument(
+            metavar="INPUT...", help="CSV/Parquet rows, image files, or a folder of images"
+        ),
     ],
     out_path: Annotated[
         Path | None, typer.Option("--out", help="write predictions to this CSV")
@@ -220,7 +222,7 @@ def predict(
         raise DanluError(
             f"--out '{out_path}' is a folder", fix="pass a file name such as preds.csv"
         )
-    frame = api.predict(run, inputs)
+    frame = api.predict(run, inputs[0] if len(inputs) == 1 else inputs)
     if out_path is not None:
         try:
             atomic_write_text(out_path, frame.to_csv(index=False))

@@ -235,9 +235,11 @@ def find(path: str | Path) -> Path:
     example = EXAMPLES_DIR / f"{p.stem}.yaml"
     if p.suffix in ("", ".yaml", ".yml") and len(p.parts) <= 2 and example.is_file():
         return example
+    close = difflib.get_close_matches(p.stem, examples(), n=1)
+    hint = f"did you mean '{close[0]}'? " if close and len(p.parts) <= 2 else ""
     raise ConfigError(
         f"config file '{p}' not found",
-        fix=f"check the path; bundled examples: {', '.join(examples())}",
+        fix=f"{hint}check the path; bundled examples: {', '.join(examples())}",
     )
 
 
