@@ -316,10 +316,14 @@ def quickstart(
         f"\n[bold green]test accuracy: {metrics['accuracy']:.4f}[/] on "
         f"{metrics['count']:,} test images  (f1_macro {metrics['f1_macro']:.4f})"
     )
+    from danlu.config import EXAMPLES_DIR
+
+    samples = Path("configs/data/fashion")  # in the repository; else where danlu is installed
+    samples = samples if samples.is_dir() else EXAMPLES_DIR / "data" / "fashion"
     out.print(
         f"run directory: {run}\n\nnext:\n"
         f"  danlu evaluate {run} --split test\n"
-        f"  danlu predict {run} some_image.png --out preds.csv\n"
+        f"  danlu predict {run} {samples} --out preds.csv\n"
         f"  tensorboard --logdir {run}/tb\n"
         f"  danlu train configs/mnist_mlp.yaml",
         highlight=False,
