@@ -275,10 +275,12 @@ def test_predict_user_errors(tiny_run, blobs_csv, rows_csv):
 def test_datasets_list():
     r = cli("datasets", "list")
     assert r.code == 0, r.stderr
+    lines = r.stdout.splitlines()
     for name in ("fashion-mnist", "mnist-5k", "digits", "iris", "wine", "breast-cancer"):
-        assert f"│ {name} " in r.stdout
-    assert "│ diabetes " in r.stdout
-    assert "regression" in r.stdout
+        assert any(line.startswith(f"{name} ") and "classification" in line for line in lines)
+    assert any(line.startswith("diabetes ") and "regression" in line for line in lines)
+    # every dataset says whether it is on this machine and where from
+    assert sum("local: " in line for line in lines) == 7
 
 
 def test_config_show_prints_resolved_yaml_with_overrides(tiny_yaml):

@@ -252,19 +252,16 @@ def datasets_list(debug: Debug = False) -> None:
     """Built-in dataset names, sizes, and whether each is on this machine."""
     from danlu.data import builtin
 
-    table = Table(title="built-in datasets (data.dataset: NAME)")
-    for col in ("name", "task", "size", "local", "source / where"):
-        table.add_column(col)
+    out.print("[bold]built-in datasets[/] (data.dataset: NAME)\n")
     for b in builtin.CATALOG.values():
         ok, where = builtin.status(b)
-        table.add_row(
-            b.name,
-            b.task,
-            b.size,
-            "[green]yes[/]" if ok else "[yellow]no[/]",
-            f"{b.source}: {where}" if ok else where,
+        state = "[green]local[/]" if ok else "[yellow]not local[/]"
+        out.print(f"[bold]{b.name:14s}[/] {b.task} · {escape(b.size)}", highlight=False)
+        out.print(
+            f"{'':14s} {state}: {escape(where)}  ({escape(b.source)})",
+            highlight=False,
+            soft_wrap=True,
         )
-    out.print(table)
     out.print(
         "Also: a CSV/Parquet file, a folder of IDX files, CIFAR-10 batches or class subfolders."
     )

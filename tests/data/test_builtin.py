@@ -160,7 +160,7 @@ def test_download_from_mirror_then_cache(tmp_path: Path, serve, no_local_mnist) 
     entry = builtin.CATALOG["mnist-5k"]
     available, where = builtin.status(entry)
     assert available is False
-    assert where.startswith(f"downloads from {entry.remote.base_url}")
+    assert where.startswith(f"downloaded on first use from {entry.remote.base_url}")
 
     server, url = serve(_mirror_folder(tmp_path, no_local_mnist))
     bundle = build(dataset="mnist-5k", mirror=url, seed=0)

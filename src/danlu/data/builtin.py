@@ -130,7 +130,11 @@ def _digits_read(_: Path) -> RawImages:
 
 
 def _sklearn_local() -> Path | None:
-    return Path("sklearn")
+    """scikit-learn ships these datasets in its own package folder."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    return Path(spec.submodule_search_locations[0]) / "datasets" / "data" if spec else None
 
 
 # --------------------------------------------------------------------------- catalog
@@ -242,7 +246,7 @@ def status(b: Builtin, cache: str | None = None) -> tuple[bool, str]:
         folder = cache_dir(cache) / b.name
         if all((folder / f).is_file() for f in b.remote.files):
             return True, str(folder)
-        return False, f"downloads from {b.remote.base_url} (or: {b.install_hint})"
+        return False, f"downloaded on first use from {b.remote.base_url} (or: {b.install_hint})"
     return False, b.install_hint
 
 
