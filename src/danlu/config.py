@@ -56,17 +56,69 @@ class ImageConfig(Section):
 
 
 class AugmentConfig(Section):
-    crop_padding: int = Field(0, ge=0, le=16, description="random crop after zero padding")
-    hflip: bool = Field(False, description="random horizontal flip (p = 0.5)")
-    rotate: float = Field(0.0, ge=0, le=180, description="random rotation in ±degrees")
+    crop_padding: int = Field(0, ge=0, le=16, description="images: random crop after zero padding")
+    hflip: bool = Field(False, description="images: random horizontal flip (p = 0.5)")
+    rotate: float = Field(0.0, ge=0, le=180, description="images: random rotation in ±degrees")
+    token_delete: float = Field(0.0, ge=0, lt=1, description="text: drop each token with p")
+    token_swap: float = Field(0.0, ge=0, lt=1, description="text: swap neighbours with p")
+    token_mask: float = Field(0.0, ge=0, lt=1, description="text: replace tokens by [MASK]/[UNK]")
+
+
+class TokenizerConfig(Section):
+    type: Literal["bpe", "wordpiece", "unigram", "char", "file", "pretrained"] = Field(
+        "bpe",
+        description="train bpe/wordpiece/unigram/char on the training text; file = a "
+        "tokenizer.json at `path`; pretrained = a checkpoint folder (or hub name) at `path`",
+    )
+    vocab_size: int = Field(8000, ge=8, le=1_000_000, description="trained vocabularies")
+    path: str | None = Field(None, description="tokenizer.json or checkpoint (file, pretrained)")
+    lowercase: bool = False
+    min_frequency: int = Field(2, ge=1, description="trained vocabularies: rarest kept pair/word")
+    max_length: int = Field(256, ge=1, description="tokens per example (longer ones truncated)")
+    truncation: Literal["truncate", "error"] = "truncate"
+
+    @model_validator(mode="after")
+    def _path(self) -> TokenizerConfig:
+        if self.type in ("file", "pretrained") and not self.path:
+            raise ValueError(f"tokenizer type {self.type} needs `path`")
+        return self
+
+
+class CheckConfig(Section):
+    on_blockers: Literal["stop", "warn"] = Field(
+        "stop", description="what training does when `data check` finds a blocker"
+    )
+    label_noise: bool = Field(True, description="flag examples a baseline confidently relabels")
+    max_rows: int = Field(20_000, ge=100, description="rows used by the costlier checks")
+
+
+class SufficiencyConfig(Section):
+    fractions: list[Annotated[float, Field(gt=0, le=1)]] = [0.1, 0.2, 0.4, 0.8]
+    seeds: int = Field(3, ge=1, le=20, description="repeats per fraction")
+    model: Literal["baseline", "configured"] = Field(
+        "baseline", description="a quick scikit-learn baseline, or the configured model"
+    )
+    max_steps: int | None = Field(None, ge=1, description="configured model: steps per fit")
+    project_to: list[Annotated[float, Field(gt=0)]] = [1.0, 2.0, 4.0]
 
 
 class DataConfig(Section):
     dataset: str = Field(description="built-in name | file | folder")
-    task: Literal["classification", "regression"] | None = Field(
+    task: Literal["classification", "regression", "language_modeling", "seq2seq"] | None = Field(
         None, description="default: the built-in dataset's task, else classification"
     )
     label: str | None = Field(None, description="label column of a table")
+    text: str | None = Field(None, description="text column (the source side for seq2seq)")
+    target: str | None = Field(None, description="seq2seq: the target text column")
+    tokenizer: TokenizerConfig | None = Field(None, description="text: how text becomes tokens")
+    block_size: int = Field(256, ge=2, description="language modelling: tokens per block")
+    pack: bool = Field(True, description="language modelling: pack documents into blocks")
+    encoding_errors: Literal["strict", "replace"] = Field(
+        "strict", description="undecodable bytes: error naming file and offset, or replace"
+    )
+    memory_cap_mb: int | None = Field(
+        None, ge=1, description="token cache: stream corpora larger than this (MB)"
+    )
     features: list[str] | None = Field(None, description="feature columns (default: all others)")
     columns: dict[str, Literal["numeric", "categorical", "ignore"]] = Field(
         default_factory=dict, description="declared column types; others are inferred"
@@ -82,6 +134,8 @@ class DataConfig(Section):
     mirror: str | None = Field(None, description="base URL replacing built-in download URLs")
     cache_dir: str | None = Field(None, description="download cache (default ~/.cache/danlu)")
     download: bool = Field(True, description="download built-in datasets missing locally")
+    check: CheckConfig = CheckConfig()
+    sufficiency: SufficiencyConfig = SufficiencyConfig()
 
 
 # --------------------------------------------------------------------------------- model

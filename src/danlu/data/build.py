@@ -84,6 +84,15 @@ def build(
     mirror: str | None = None,
     cache_dir: str | None = None,
     download: bool = True,
+    text: str | None = None,
+    target: str | None = None,
+    tokenizer: dict[str, Any] | None = None,
+    block_size: int = 256,
+    pack: bool = True,
+    encoding_errors: str = "strict",
+    memory_cap_mb: int | None = None,
+    check: dict[str, Any] | None = None,  # read by `danlu data check`, not here
+    sufficiency: dict[str, Any] | None = None,  # read by `danlu data check`, not here
     seed: int = 0,
 ) -> DataBundle:
     split = {"val": 0.1, "test": "auto", "stratify": True, "seed": None, **(split or {})}
