@@ -30,7 +30,9 @@ def blobs_cfg(blobs_csv: Path, **sections) -> dict:
 def test_import_is_light_and_exports_the_verbs():
     code = "import sys, danlu; print('torch' in sys.modules, sorted(danlu.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False ['evaluate', 'load_config', 'predict', 'train']"
+    assert out.stdout.strip() == (
+        "False ['data_check', 'evaluate', 'load_config', 'predict', 'train']"
+    )
 
 
 def test_stage_packages_are_callable_verbs():

@@ -280,7 +280,9 @@ def test_datasets_list():
         assert any(line.startswith(f"{name} ") and "classification" in line for line in lines)
     assert any(line.startswith("diabetes ") and "regression" in line for line in lines)
     # every dataset says whether it is on this machine and where from
-    assert sum("local: " in line for line in lines) == 7
+    from danlu.data.builtin import CATALOG
+
+    assert sum("local: " in line for line in lines) == len(CATALOG)
 
 
 def test_config_show_prints_resolved_yaml_with_overrides(tiny_yaml):

@@ -15,7 +15,7 @@ import types
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["evaluate", "load_config", "predict", "train"]
+__all__ = ["data_check", "evaluate", "load_config", "predict", "train"]
 
 
 class _CallablePackage(types.ModuleType):
@@ -38,10 +38,10 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return importlib.import_module(f"danlu.{name}")
-    if name == "predict":
+    if name in ("predict", "data_check"):
         from danlu import api
 
-        return api.predict
+        return getattr(api, name)
     if name == "load_config":
         from danlu.config import load
 

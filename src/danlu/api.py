@@ -23,7 +23,7 @@ from danlu import data, models
 from danlu.config import Config
 from danlu.errors import ConfigError, DataError
 from danlu.evaluate.metrics import metric_names
-from danlu.evaluate.run import evaluate_run
+from danlu.evaluate.run import build_data, evaluate_run
 from danlu.rundir import RunDir, atomic_write_text, now, start_lineage, update_lineage
 from danlu.serve.predictor import Predictor
 from danlu.train import loop
@@ -82,7 +82,8 @@ def train(
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    bundle = data.build(**cfg.data.model_dump(), seed=cfg.seed)
+    bundle = build_data(cfg, run)
+    _pretraining_checks(bundle, cfg)
     spec = bundle.spec
     if run is not None:
         _check_same_data(run, bundle.content_hash, force)
@@ -90,6 +91,12 @@ def train(
             atomic_write_text(run.config, cfg.to_yaml())
 
     model_cfg = cfg.model.model_dump()
+    if spec.input == "text" and model_cfg["type"] in ("mlp", "cnn"):
+        raise ConfigError(
+            f"model.type: {model_cfg['type']} reads numbers or pixels, not token ids",
+            fix="text needs a sequence model (rnn, gpt, bert); `danlu data check` works on "
+            "text already",
+        )
     kind = models.output_kind(spec.task, model_cfg["output"])
     model = models.build(
         model_cfg, input_shape=spec.input_shape, task=spec.task, num_classes=spec.num_classes
@@ -113,6 +120,8 @@ def train(
         run = RunDir.create(cfg, run_dir)
     run.write("data_card.json", bundle.card)
     run.write("preprocess.json", spec.to_dict())
+    if bundle.encoder is not None and not run.tokenizer.is_file():
+        bundle.encoder.save(run.tokenizer)
     from danlu.device import resolve_device
 
     device = str(resolve_device(t.device))
@@ -213,6 +222,99 @@ def linear_equation(run: RunDir) -> str | None:
     if spec.table["normalize"]:
         slope, bias = slope / col["std"], bias - slope * col["mean"] / col["std"]
     return f"{spec.label} = {slope:.4f} * {col['name']} + {bias:.4f}"
+
+
+# ---------------------------------------------------------------------------- data check
+
+
+@dataclass
+class DataCheckResult:
+    out: Path  # the folder holding data_card.json and data_check.html
+    card: dict[str, Any]  # the data card with findings, `check` stats and `sufficiency`
+
+    @property
+    def findings(self) -> list[dict[str, str]]:
+        return self.card["findings"]
+
+    @property
+    def blockers(self) -> list[dict[str, str]]:
+        return [f for f in self.findings if f["level"] == "blocker"]
+
+    @property
+    def sufficiency(self) -> dict[str, Any] | None:
+        return self.card.get("sufficiency")
+
+
+def data_check(
+    config: str | Path | dict[str, Any] | Config,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    sufficiency: bool = True,
+    out: str | Path | None = None,
+) -> DataCheckResult:
+    """Build the data, run every check (label noise too, if data.check.label_noise) and, with
+    `sufficiency`, the learning-curve estimate; write data_card.json and data_check.html into
+    `out` (default runs/<name>-check/). Blockers are reported, not raised."""
+    import json
+
+    from danlu.data.check import run_checks
+    from danlu.data.check_report import render
+
+    cfg = _as_config(config, overrides)
+    seed_everything(cfg.seed)
+    bundle = data.build(**cfg.data.model_dump(), seed=cfg.seed)
+    d = cfg.data
+    report = run_checks(
+        bundle,
+        max_length=d.tokenizer.max_length if d.tokenizer else None,
+        label_noise=d.check.label_noise,
+        max_rows=d.check.max_rows,
+        seed=cfg.seed,
+    )
+    card = {**bundle.card, "findings": report.findings, "check": report.stats}
+    if sufficiency:
+        from danlu.tune.sufficiency import estimate
+
+        s = d.sufficiency
+        card["sufficiency"] = estimate(
+            bundle,
+            fractions=s.fractions,
+            seeds=s.seeds,
+            project_to=s.project_to,
+            model=s.model,
+            max_steps=s.max_steps,
+            model_config=cfg.model.model_dump(),
+            train_config=cfg.train.model_dump(),
+            seed=cfg.seed,
+            progress=lambda line: log.info("learning curve: %s", line),
+        )
+    folder = Path(out) if out is not None else Path(cfg.runs_dir) / f"{cfg.name}-check"
+    atomic_write_text(folder / "data_card.json", json.dumps(card, indent=2, default=str) + "\n")
+    atomic_write_text(folder / "data_check.html", render(card))
+    return DataCheckResult(folder, card)
+
+
+def _pretraining_checks(bundle: data.DataBundle, cfg: Config) -> None:
+    """The cheap data checks (no label noise, no learning curve) before any training: their
+    findings go into the run's data card; blockers stop training (on_blockers: stop)."""
+    from danlu.data.check import run_checks
+
+    tok = cfg.data.tokenizer
+    report = run_checks(bundle, max_length=tok.max_length if tok else None, seed=cfg.seed)
+    bundle.card["findings"] = report.findings
+    bundle.card["check"] = report.stats
+    blockers = report.blockers
+    if not blockers:
+        return
+    if cfg.data.check.on_blockers == "stop":
+        listed = "; ".join(f"{f['message']} ({f['action']})" for f in blockers)
+        raise DataError(
+            f"the data check found {len(blockers)} blocker(s): {listed}",
+            fix="fix the data (`danlu data check CONFIG` writes the full report), or set "
+            "data.check.on_blockers: warn to train anyway",
+        )
+    for f in blockers:
+        log.warning("data check blocker: %s. %s", f["message"], f["action"])
 
 
 # ------------------------------------------------------------------------------ helpers

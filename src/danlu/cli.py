@@ -32,8 +32,13 @@ config_app = typer.Typer(
     help="Show the resolved config or the config schema.", no_args_is_help=True
 )
 datasets_app = typer.Typer(help="Built-in datasets.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Check the data: quality findings, and whether more data would help.",
+    no_args_is_help=True,
+)
 app.add_typer(config_app, name="config")
 app.add_typer(datasets_app, name="datasets")
+app.add_typer(data_app, name="data")
 
 out = Console()
 err = Console(stderr=True)
@@ -264,6 +269,80 @@ def datasets_list(debug: Debug = False) -> None:
         )
     out.print(
         "Also: a CSV/Parquet file, a folder of IDX files, CIFAR-10 batches or class subfolders."
+    )
+
+
+# ---------------------------------------------------------------------------- data check
+
+LEVEL_STYLE = {"blocker": "bold red", "warning": "yellow", "info": "dim"}
+
+
+@data_app.command("check")
+@command
+def data_check(
+    config: Annotated[str, typer.Argument(help="config file or bundled example name")],
+    overrides: Overrides = None,
+    sufficiency: Annotated[
+        bool,
+        typer.Option(
+            "--sufficiency/--no-sufficiency",
+            help="estimate whether more data would help (learning curve; the slow part)",
+        ),
+    ] = True,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out", help="write data_card.json and data_check.html here"),
+    ] = None,
+    debug: Debug = False,
+) -> None:
+    """Check the data before training; exits with status 2 when a finding is a blocker."""
+    from danlu import api
+
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise DanluError(f"--out '{out_dir}' is a file", fix="pass a folder")
+    result = api.data_check(config, overrides or [], sufficiency=sufficiency, out=out_dir)
+    _check_summary(result)
+    if result.blockers:
+        raise typer.Exit(2)
+
+
+def _check_summary(result: Any) -> None:
+    card = result.card
+    counts = {lv: sum(f["level"] == lv for f in result.findings) for lv in LEVEL_STYLE}
+    sizes = ", ".join(f"{k} {v:,}" for k, v in card.get("sizes", {}).items())
+    out.print(f"[bold]{escape(str(card.get('dataset')))}[/] · {escape(sizes)}", highlight=False)
+    out.print(
+        "findings: "
+        + ", ".join(
+            f"[{LEVEL_STYLE[lv]}]{n} {lv}{'s' if n != 1 and lv != 'info' else ''}[/]"
+            for lv, n in counts.items()
+        ),
+        highlight=False,
+    )
+    for f in result.findings:
+        style = LEVEL_STYLE[f["level"]]
+        out.print(
+            f"  [{style}]{f['level']:7s}[/] {escape(f['message'])}\n"
+            f"          → {escape(f['action'])}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    s = result.sufficiency
+    if s:
+        t = Table(title=f"learning curve ({s['model']}, {s['metric']} on {s['split']})")
+        for col in ("training examples", s["metric"]):
+            t.add_column(col, justify="right")
+        for n, m, sd in zip(s["sizes"], s["means"], s["std"], strict=True):
+            t.add_row(f"{n:,}", f"{m:.4f} ± {sd:.4f}")
+        for p in s["projections"]:
+            band = "" if p["low"] is None else f"  [{p['low']:.4f}, {p['high']:.4f}]"
+            t.add_row(f"{p['factor']:g}× → {p['n']:,.0f}", f"[bold]{p['value']:.4f}[/]{band}")
+        out.print(t)
+        out.print(f"[bold]verdict:[/] {escape(s['verdict']['text'])}", highlight=False)
+    out.print(
+        f"wrote {escape(str(result.out / 'data_card.json'))} and data_check.html",
+        highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -5,6 +5,7 @@
       lineage.json       data content hash, code version, package versions, seed, host, times
       data_card.json     schema, sizes, splits, class balance, quality findings
       preprocess.json    what turns raw inputs into model inputs (columns, statistics, classes)
+      tokenizer.json     text runs: the tokenizer (Hugging Face tokenizers format)
       model.safetensors  the weights to use (best by the monitored metric)
       checkpoints/       step-N/ (model, optimizer, scheduler, RNG, data position), atomic
       history.jsonl      one JSON line per logged step
@@ -117,6 +118,7 @@ class RunDir:
     lineage = property(lambda self: self.path / "lineage.json")
     data_card = property(lambda self: self.path / "data_card.json")
     preprocess = property(lambda self: self.path / "preprocess.json")
+    tokenizer = property(lambda self: self.path / "tokenizer.json")
     weights = property(lambda self: self.path / "model.safetensors")
     checkpoints = property(lambda self: self.path / "checkpoints")
     history = property(lambda self: self.path / "history.jsonl")

@@ -176,3 +176,18 @@ def _blobs(tmp_path: Path, n: int) -> Path:
     path = tmp_path / "blobs.csv"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def test_configured_augment_section_drives_image_batches(idx_folder: Path) -> None:
+    """The whole `data.augment` section (image and text keys) reaches image loaders."""
+    from danlu.config import AugmentConfig
+
+    augment = AugmentConfig(crop_padding=2, hflip=True).model_dump()
+    bundle = build(dataset=str(idx_folder), augment=augment, seed=0)
+    loader = bundle.loader("train", 8, order="shuffle", train=True)
+    assert loader.augment
+    first, again = next(loader.epoch(0)), next(loader.epoch(0))
+    assert first.x.shape == (8, 1, 8, 8) and first.x.dtype == torch.float32
+    assert torch.equal(first.x, again.x)  # seeded by (seed, epoch, batch)
+    plain = next(bundle.loader("train", 8, order="shuffle").epoch(0))
+    assert not torch.equal(first.x, plain.x)

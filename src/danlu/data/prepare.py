@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from danlu.data.blocks import BlockLoader, TokenSplit
 from danlu.data.card import build_card, findings_for
 from danlu.data.images import RawImages, channel_stats
 from danlu.data.loader import BatchLoader, Split
@@ -37,6 +38,10 @@ class DataBundle:
     card: dict[str, Any]
     content_hash: str
     augment: dict[str, Any] | None = None
+    # what the source returned (RawTable / RawImages / RawText): `data check` reads the values
+    # before any policy (missing cells, columns, texts, file names) through Split.index
+    raw: Any = None
+    encoder: Any = None  # text: the fitted TextEncoder, saved in the run as tokenizer.json
 
     def loader(
         self,
@@ -49,7 +54,19 @@ class DataBundle:
         train: bool = False,
         device: str = "cpu",
     ) -> BatchLoader:
-        transform = self.spec.image_transform(self.augment if train else None)
+        if isinstance(self.splits[split], TokenSplit):  # a language-model corpus
+            text = self.spec.text
+            return BlockLoader(
+                self.splits[split],
+                batch_size,
+                text["block_size"],
+                order="random" if train else "sequential",
+                seed=seed,
+                pack=text["pack"],
+                pad_id=text["pad_id"],
+                device=device,
+            )
+        transform = self.spec.transform(self.augment if train else None)
         return BatchLoader(
             self.splits[split],
             batch_size,

@@ -17,6 +17,7 @@ import torch
 
 from danlu.data.images import ImageTransform, load_image
 from danlu.data.tables import TablePreprocessor
+from danlu.data.text_augment import TokenTransform
 from danlu.errors import DataError
 
 
@@ -29,6 +30,7 @@ class DataSpec:
     label: str | None = None
     table: dict[str, Any] | None = None  # TablePreprocessor.to_dict()
     image: dict[str, Any] | None = None  # channels, size, mean, std
+    text: dict[str, Any] | None = None  # tokenizer file, max_length, pad_id, special_ids
 
     @property
     def num_classes(self) -> int | None:
@@ -43,10 +45,23 @@ class DataSpec:
 
     # ----------------------------------------------------------------- raw → model input
 
-    def image_transform(self, augment: dict[str, Any] | None = None) -> ImageTransform | None:
-        if self.image is None:
-            return None
-        return ImageTransform(self.image["mean"], self.image["std"], **(augment or {}))
+    def transform(self, augment: dict[str, Any] | None = None) -> Any:
+        """What turns a stored batch into model input: image normalization (+ augmentation),
+        token augmentation for text, nothing for tables. `augment` is `data.augment`."""
+        augment = augment or {}
+        if self.image is not None:
+            keys = ("crop_padding", "hflip", "rotate")
+            return ImageTransform(self.image["mean"], self.image["std"],
+                                  **{k: augment[k] for k in keys if k in augment})
+        if self.text is not None and augment:
+            ids = self.text["special_ids"]
+            protected = [ids[r] for r in ("cls", "sep", "bos", "eos") if r in ids]
+            return TokenTransform(
+                pad_id=self.text["pad_id"], mask_id=ids.get("mask", ids.get("unk", 0)),
+                protected=protected, delete=augment.get("token_delete", 0.0),
+                swap=augment.get("token_swap", 0.0), mask=augment.get("token_mask", 0.0),
+            )
+        return None
 
     def table_features(self, frame: pd.DataFrame, origin: str = "input") -> torch.Tensor:
         """Rows of a table (with the training feature columns) → (N, F) float32."""

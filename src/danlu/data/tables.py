@@ -1,4 +1,4 @@
-"""Tables: CSV and Parquet files with declared or inferred column types.
+"""Tables: CSV, Parquet and JSONL files with declared or inferred column types.
 
 A column is numeric, categorical (one-hot encoded) or ignored; types not declared in
 `data.columns` are inferred. Missing values follow `data.missing`: error, drop, mean (numeric
@@ -9,6 +9,7 @@ saved with the run, so `predict` transforms new rows exactly as training did.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pandas as pd
 
 from danlu.errors import DataError
 
-TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq", ".csv.gz", ".tsv.gz")
+TABLE_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet", ".pq", ".csv.gz", ".tsv.gz", ".jsonl")
 MAX_CATEGORIES = 200
 
 
@@ -36,13 +37,16 @@ def is_table(path: Path) -> bool:
     return any(name.endswith(s) for s in TABLE_SUFFIXES)
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
+def read_table(path: str | Path, *, encoding_errors: str = "strict") -> pd.DataFrame:
+    """CSV/TSV/TXT (pandas), Parquet, or JSONL (.jsonl, .ndjson; `encoding_errors` applies)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file '{path}' not found", fix="check data.dataset")
     name = path.name.lower()
     try:
-        if name.endswith((".parquet", ".pq")):
+        if name.endswith((".jsonl", ".ndjson")):
+            frame = read_jsonl(path, encoding_errors)
+        elif name.endswith((".parquet", ".pq")):
             frame = pd.read_parquet(path)
         else:
             sep = "\t" if ".tsv" in name else None if name.endswith(".txt") else ","
@@ -53,6 +57,40 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise DataError(f"table '{path}' has no rows")
     frame.columns = [str(c).strip() for c in frame.columns]
     return frame.reset_index(drop=True)
+
+
+def read_jsonl(path: Path, encoding_errors: str = "strict") -> pd.DataFrame:
+    """One JSON object per line ({"text": ..., "label": ...}); blank lines are skipped."""
+    records = []
+    with path.open("rb") as f:
+        offset = 0
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8", encoding_errors)
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"'{path}', line {number}: the bytes at offset {offset + e.start} "
+                    f"({raw[e.start : e.start + 4].hex(' ')}) are not valid UTF-8",
+                    fix="convert the file to UTF-8, or set data.encoding_errors: replace",
+                ) from None
+            offset += len(raw)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.removeprefix("\ufeff") if number == 1 else line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"'{path}', line {number}: not valid JSON ({e.msg}, column {e.colno})",
+                    fix="each line must hold one JSON object",
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"'{path}', line {number}: expected a JSON object {{...}}, got "
+                    f"{type(record).__name__}",
+                    fix='write one object per line, e.g. {"text": "...", "label": "..."}',
+                )
+            records.append(record)
+    return pd.DataFrame.from_records(records)
 
 
 def row_name(frame: pd.DataFrame, index: Any) -> str:

@@ -35,13 +35,26 @@ def load_model(run: RunDir) -> tuple[torch.nn.Module, Any, DataSpec, str]:
     return model.eval(), cfg, spec, kind
 
 
+def build_data(cfg: Any, run: RunDir | None = None) -> data.DataBundle:
+    """The data of a config; for a run that has a tokenizer.json, text is encoded with exactly
+    that tokenizer (training some vocabularies again is not deterministic across processes)."""
+    kwargs = cfg.data.model_dump()
+    if run is not None and run.tokenizer.is_file():
+        kwargs["tokenizer"] = {
+            **(kwargs["tokenizer"] or {}),
+            "type": "file",
+            "path": str(run.tokenizer),
+        }
+    return data.build(**kwargs, seed=cfg.seed)
+
+
 @torch.no_grad()
 def evaluate_run(
     run: RunDir, split: str | None = None, batch_size: int | None = None, device: str = "auto"
 ) -> dict[str, Any]:
     model, cfg, spec, kind = load_model(run)
     split = split or cfg.evaluate.split
-    bundle = data.build(**cfg.data.model_dump(), seed=cfg.seed)
+    bundle = build_data(cfg, run)
     recorded = run.read("lineage.json").get("data_hash") if run.lineage.is_file() else None
     if recorded and recorded != bundle.content_hash:
         raise DataError(

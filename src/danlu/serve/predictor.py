@@ -28,7 +28,7 @@ class Predictor:
     def __init__(self, run: RunDir, batch_size: int = 256) -> None:
         self.run = run
         self.model, self.cfg, self.spec, self.kind = load_model(run)
-        self.transform = self.spec.image_transform()
+        self.transform = self.spec.transform()
         self.batch_size = batch_size
 
     @classmethod
