@@ -26,7 +26,7 @@ import numpy as np
 
 from danlu import config as config_mod
 from danlu import data
-from danlu.errors import DataError
+from danlu.errors import ConfigError
 from danlu.tune.curve import project
 from danlu.tune.sufficiency import baseline_scorer, configured_scorer, learning_curve
 
@@ -35,56 +35,10 @@ def load_bundle(source: str, overrides: list[str]) -> tuple[Any, Any]:
     """A config file / bundled example, or a bare dataset name (baseline only)."""
     try:
         cfg = config_mod.load(source, overrides)
-    except Exception:  # a dataset name: wrap it in a minimal config
+    except ConfigError:  # a dataset name: wrap it in a minimal config
         raw = {"name": source, "data": {"dataset": source}, "model": {"type": "mlp"}}
         cfg = config_mod.load(raw, overrides)
-    try:
-        return cfg, data.build(**cfg.data.model_dump(), seed=cfg.seed)
-    except DataError as e:
-        if "text datasets are not wired" not in str(e):
-            raise
-        return cfg, text_bundle(cfg)
-
-
-def text_bundle(cfg: Any) -> Any:
-    """A labelled-text DataBundle from the raw texts, for as long as data.build does not
-    prepare text yet: official test split, val carved out of train (stratified)."""
-    import torch
-
-    from danlu.data.build import resolve
-    from danlu.data.loader import Split
-    from danlu.data.prepare import DataBundle
-    from danlu.data.spec import DataSpec
-    from danlu.data.splits import split_positions
-
-    d = cfg.data
-    raw = resolve(d.dataset, image={}, cache_dir=d.cache_dir, mirror=d.mirror, download=False)
-    classes = sorted(set(map(str, raw.labels)))
-    lookup = {c: i for i, c in enumerate(classes)}
-    y = np.array([lookup[str(v)] for v in raw.labels])
-    pos, how = split_positions(
-        len(y),
-        y,
-        val=d.split.val,
-        test="official",
-        has_official=True,
-        seed=cfg.seed,
-        stratify=True,
-        origin=raw.origin,
-    )
-    ty = np.array([lookup.get(str(v), 0) for v in raw.test_labels])
-    pos["test"] = np.arange(len(ty))
-    splits = {}
-    for name, p in pos.items():
-        labels = ty if name == "test" else y[p]
-        splits[name] = Split(torch.zeros(len(p), 1), torch.from_numpy(labels), p)
-    spec = DataSpec("classification", "text", [1], classes)
-    card = {
-        "dataset": d.dataset,
-        "test_split": how,
-        "sizes": {k: len(s) for k, s in splits.items()},
-    }
-    return DataBundle(splits, spec, card, "", raw=raw)
+    return cfg, data.build(**cfg.data.model_dump(), seed=cfg.seed)
 
 
 def main() -> None:

@@ -303,3 +303,26 @@ def test_blank_images_and_image_files(tmp_path: Path) -> None:
         "1.png",
         "copy.png",
     }
+
+
+def test_a_built_text_bundle_counts_tokens_with_its_tokenizer(tmp_path: Path) -> None:
+    rng = np.random.default_rng(6)
+    words = {"sport": ["match", "goal", "team", "score"], "food": ["bread", "soup", "salt"]}
+    rows = ["text,topic"]
+    for i in range(80):
+        topic = "sport" if i % 2 else "food"
+        rows.append(f"{' '.join(rng.choice(words[topic], size=rng.integers(3, 30)))},{topic}")
+    rows[1], rows[2] = '"Goal, goal!",sport', "goal goal,sport"  # near copies
+    (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
+    tok = {"type": "wordpiece", "vocab_size": 60, "min_frequency": 1, "max_length": 16}
+    bundle = build(dataset=str(tmp_path / "t.csv"), text="text", label="topic", tokenizer=tok)
+    report = run_checks(bundle, label_noise=True)
+    lengths = report.stats["text_lengths"]
+    assert lengths["train"]["unit"] == "tokens" and lengths["train"]["max_length"] == 16
+    texts = split_texts(bundle)
+    ids = bundle.encoder.encode_ids(texts["train"], add_special_tokens=True)
+    share = np.mean([len(i) > 16 for i in ids])
+    assert lengths["train"]["truncated_share"] == pytest.approx(share)
+    assert "truncation" in codes(report, "warning")  # about half the texts are longer
+    near = report.stats["duplicates"]["near"]
+    assert sum(near["within"].values()) + sum(near["in_train"].values()) >= 1

@@ -89,7 +89,9 @@ def run_checks(
     if kind == "image":
         blank_images(report, inputs["train"])
     if kind == "text":
-        text_checks(report, inputs, max_length, count_tokens)
+        text = getattr(bundle.spec, "text", None) or {}
+        max_length = max_length or text.get("max_length")
+        text_checks(report, inputs, max_length, count_tokens, getattr(bundle, "encoder", None))
     duplicate_checks(report, kind, inputs, labels if classes else None, bundle)
     report.stats["seconds"] = {"cheap": round(time.perf_counter() - t0, 3)}
     if label_noise and classes:
@@ -178,11 +180,19 @@ def blank_images(report: CheckReport, x: np.ndarray) -> None:
 
 
 def text_lengths(
-    texts: list[str], max_length: int | None = None, count: Callable[[str], int] | None = None
+    texts: list[str],
+    max_length: int | None = None,
+    count: Callable[[str], int] | None = None,
+    *,
+    count_all: Callable[[list[str]], list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Length distribution (whitespace words unless `count` is a tokenizer's token counter)
-    and the share of texts longer than max_length."""
-    lengths = np.array([count(t) if count else len(t.split()) for t in texts], dtype=np.int64)
+    """Length distribution (whitespace words unless `count` counts one text's tokens, or
+    `count_all` a list's) and the share of texts longer than max_length."""
+    if count_all is not None:
+        lengths = np.asarray(count_all(texts), dtype=np.int64)
+    else:
+        lengths = np.array([count(t) if count else len(t.split()) for t in texts], np.int64)
+    tokens = count is not None or count_all is not None
     if not len(lengths):
         return {"count": 0}
     q = np.percentile(lengths, [50, 90, 95, 99])
@@ -190,7 +200,7 @@ def text_lengths(
     hist, _ = np.histogram(lengths, bins=edges)
     out = {
         "count": len(lengths),
-        "unit": "tokens" if count else "words",
+        "unit": "tokens" if tokens else "words",
         "mean": round(float(lengths.mean()), 2),
         "p50": float(q[0]),
         "p90": float(q[1]),
@@ -211,8 +221,19 @@ def text_checks(
     texts: dict[str, list[str]],
     max_length: int | None,
     count: Callable[[str], int] | None,
+    encoder: Any = None,
 ) -> None:
-    stats = {name: text_lengths(t, max_length, count) for name, t in texts.items()}
+    """Lengths in the bundle's tokens (with special tokens, as the encoding counts them) when
+    it has a tokenizer, else by `count`, else in whitespace words."""
+    count_all = None
+    if count is None and encoder is not None:
+
+        def count_all(docs: list[str]) -> list[int]:
+            return [len(ids) for ids in encoder.encode_ids(docs, add_special_tokens=True)]
+
+    stats = {
+        name: text_lengths(t, max_length, count, count_all=count_all) for name, t in texts.items()
+    }
     report.stats["text_lengths"] = stats
     train = stats["train"]
     if train.get("empty"):

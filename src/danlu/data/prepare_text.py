@@ -276,8 +276,9 @@ def corpus(
     if options["type"] in TRAINED_TYPES:  # trained once per (corpus, options), then reused
         keys = ("type", "vocab_size", "min_frequency", "lowercase")
         trained = cached_tokenizer(raw, cache_dir=cache_dir, **{k: options[k] for k in keys})
-        encoder = TextEncoder(trained, max_length=options["max_length"],
-                              truncation=options["truncation"])
+        encoder = TextEncoder(
+            trained, max_length=options["max_length"], truncation=options["truncation"]
+        )
     else:
         encoder = build_tokenizer(**options)
     cache = build_token_cache(

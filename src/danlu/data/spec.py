@@ -51,15 +51,21 @@ class DataSpec:
         augment = augment or {}
         if self.image is not None:
             keys = ("crop_padding", "hflip", "rotate")
-            return ImageTransform(self.image["mean"], self.image["std"],
-                                  **{k: augment[k] for k in keys if k in augment})
+            return ImageTransform(
+                self.image["mean"],
+                self.image["std"],
+                **{k: augment[k] for k in keys if k in augment},
+            )
         if self.text is not None and augment:
             ids = self.text["special_ids"]
             protected = [ids[r] for r in ("cls", "sep", "bos", "eos") if r in ids]
             return TokenTransform(
-                pad_id=self.text["pad_id"], mask_id=ids.get("mask", ids.get("unk", 0)),
-                protected=protected, delete=augment.get("token_delete", 0.0),
-                swap=augment.get("token_swap", 0.0), mask=augment.get("token_mask", 0.0),
+                pad_id=self.text["pad_id"],
+                mask_id=ids.get("mask", ids.get("unk", 0)),
+                protected=protected,
+                delete=augment.get("token_delete", 0.0),
+                swap=augment.get("token_swap", 0.0),
+                mask=augment.get("token_mask", 0.0),
             )
         return None
 
