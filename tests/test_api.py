@@ -31,7 +31,7 @@ def test_import_is_light_and_exports_the_verbs():
     code = "import sys, danlu; print('torch' in sys.modules, sorted(danlu.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (
-        "False ['data_check', 'evaluate', 'load_config', 'predict', 'train']"
+        "False ['data_check', 'evaluate', 'generate', 'load_config', 'predict', 'pretrain', 'train']"
     )
 
 

@@ -128,12 +128,16 @@ def test_union_member_names_do_not_leak_into_the_key_path():
 
 def test_invalid_model_type_suggests_closest():
     msg = error(base(model={"type": "mpl"}))
-    assert msg == "config: model.type: got 'mpl', expected one of 'mlp', 'cnn'; did you mean 'mlp'?"
+    assert msg == (
+        "config: model.type: got 'mpl', expected one of 'mlp', 'cnn', 'rnn', 'gpt', 'bert', "
+        "'seq2seq'; did you mean 'mlp'?"
+    )
 
 
 def test_missing_model_type_lists_types():
     assert error({"data": {"dataset": "iris"}, "model": {"hidden_sizes": [4]}}) == (
-        "config: missing required key 'model.type' (one of 'mlp', 'cnn')"
+        "config: missing required key 'model.type' (one of 'mlp', 'cnn', 'rnn', 'gpt', 'bert', "
+        "'seq2seq')"
     )
 
 
@@ -302,7 +306,8 @@ def test_empty_yaml_reports_missing_sections(tmp_path):
 def test_missing_file_lists_bundled_examples():
     msg = error("nope/missing.yaml")
     assert msg.startswith("config file 'nope/missing.yaml' not found. check the path;")
-    assert "bundled examples: fashion_cnn, linear_regression, mnist_mlp" in msg
+    listed = msg.split("bundled examples: ")[1].split(", ")
+    assert listed == examples() and {"fashion_cnn", "mnist_mlp", "gpt_bible_char"} <= set(listed)
 
 
 def test_a_folder_is_not_a_config(tmp_path):

@@ -15,7 +15,7 @@ import types
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["data_check", "evaluate", "load_config", "predict", "train"]
+__all__ = ["data_check", "evaluate", "generate", "load_config", "predict", "pretrain", "train"]
 
 
 class _CallablePackage(types.ModuleType):
@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
         import importlib
 
         return importlib.import_module(f"danlu.{name}")
-    if name in ("predict", "data_check"):
+    if name in ("predict", "data_check", "pretrain", "generate"):
         from danlu import api
 
         return getattr(api, name)

@@ -20,6 +20,18 @@ import torch
 
 from danlu import config as config_mod
 from danlu import data, models
+from danlu.api_data import DataCheckResult, data_check, pretraining_checks
+
+__all__ = [
+    "DataCheckResult",
+    "TrainResult",
+    "data_check",
+    "evaluate",
+    "generate",
+    "predict",
+    "pretrain",
+    "train",
+]
 from danlu.config import Config
 from danlu.errors import ConfigError, DataError
 from danlu.evaluate.metrics import metric_names
@@ -27,7 +39,7 @@ from danlu.evaluate.run import build_data, evaluate_run
 from danlu.rundir import RunDir, atomic_write_text, now, start_lineage, update_lineage
 from danlu.serve.predictor import Predictor
 from danlu.train import loop
-from danlu.train.objectives import Supervised, class_weights, make_loss, sample_weights
+from danlu.train.objectives import TokenObjective, build_objective, sample_weights
 
 log = logging.getLogger("danlu")
 
@@ -68,6 +80,7 @@ def train(
     resume: str | Path | RunDir | None = None,
     force: bool = False,
     show_progress: bool | None = None,
+    pretraining: bool = False,
 ) -> TrainResult:
     """Train a model from a config (file, bundled example name, dict or Config) into a run dir.
 
@@ -79,11 +92,13 @@ def train(
     else:
         cfg = _as_config(config, overrides)
         run = None  # created once data and model are known to work: no stray folders
+        if cfg.model.model_dump().get("init_from"):
+            cfg = _with_init_from(cfg)
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     bundle = build_data(cfg, run)
-    _pretraining_checks(bundle, cfg)
+    pretraining_checks(bundle, cfg)
     spec = bundle.spec
     if run is not None:
         _check_same_data(run, bundle.content_hash, force)
@@ -94,28 +109,31 @@ def train(
     if spec.input == "text" and model_cfg["type"] in ("mlp", "cnn"):
         raise ConfigError(
             f"model.type: {model_cfg['type']} reads numbers or pixels, not token ids",
-            fix="text needs a sequence model (rnn, gpt, bert); `danlu data check` works on "
-            "text already",
+            fix="text needs a sequence model: gpt, rnn or bert (labels, language modelling), "
+            "seq2seq (pairs)",
         )
     kind = models.output_kind(spec.task, model_cfg["output"])
     model = models.build(
-        model_cfg, input_shape=spec.input_shape, task=spec.task, num_classes=spec.num_classes
+        model_cfg,
+        input_shape=spec.input_shape,
+        task=spec.task,
+        num_classes=spec.num_classes,
+        text=spec.text,
     )
     t = cfg.train
-    train_y = bundle.splits["train"].y
-    weights = None
-    if spec.task == "classification":
-        weights = class_weights(train_y, spec.num_classes, t.class_weights)
-    elif t.class_weights != "none" or t.sampler == "weighted":
+    if resume is None and model_cfg.get("init_from"):
+        _start_from(model, model_cfg["init_from"], bundle)
+    objective = build_objective(t.model_dump(), spec, model_cfg["type"], kind, bundle)
+    if pretraining and not isinstance(objective, TokenObjective):
         raise ConfigError(
-            "train.class_weights and train.sampler: weighted need a classification task"
+            f"danlu pretrain needs a language-modelling or seq2seq config; this one trains a "
+            f"{spec.task} head on {cfg.data.dataset}",
+            fix="set data.task: language_modeling (a corpus) or seq2seq (pairs), or use "
+            "`danlu train` for labelled data",
         )
-    objective = Supervised(
-        make_loss(t.loss, kind, label_smoothing=t.label_smoothing, class_weights=weights),
-        spec.task,
-        kind,
-        spec.class_names,
-    )
+    train_y = getattr(bundle.splits["train"], "y", None)
+    if t.sampler == "weighted" and spec.task != "classification":
+        raise ConfigError("train.sampler: weighted needs a classification task")
     if run is None:
         run = RunDir.create(cfg, run_dir)
     run.write("data_card.json", bundle.card)
@@ -196,6 +214,25 @@ def train(
     return TrainResult(run, cfg, result, linear_equation(run))
 
 
+def pretrain(
+    config: str | Path | dict[str, Any] | Config | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    **kwargs: Any,
+) -> TrainResult:
+    """Pretrain from scratch (causal LM, masked LM or seq2seq on a corpus or on pairs): the
+    same `train`, refusing configs whose objective is not a pretraining one. The run holds the
+    tokenizer, weights and config that `model.init_from: runs/<name>` starts a fine-tune from."""
+    return train(config, overrides, pretraining=True, **kwargs)
+
+
+def generate(run: str | Path | RunDir, prompts: str | list[str], **options: Any) -> list[str]:
+    """Continue prompts with a causal LM run (or translate them with a seq2seq run); see
+    danlu.serve.generate.generate for the options (sampling, beams, stop strings, stream)."""
+    from danlu.serve.generate import generate as run_generate
+
+    return run_generate(run, prompts, **options)
+
+
 def evaluate(run: str | Path | RunDir, split: str | None = None) -> dict[str, Any]:
     """Score a run on a split (default: the config's evaluate.split); writes metrics.json."""
     return evaluate_run(run if isinstance(run, RunDir) else RunDir.open(run), split)
@@ -224,99 +261,6 @@ def linear_equation(run: RunDir) -> str | None:
     return f"{spec.label} = {slope:.4f} * {col['name']} + {bias:.4f}"
 
 
-# ---------------------------------------------------------------------------- data check
-
-
-@dataclass
-class DataCheckResult:
-    out: Path  # the folder holding data_card.json and data_check.html
-    card: dict[str, Any]  # the data card with findings, `check` stats and `sufficiency`
-
-    @property
-    def findings(self) -> list[dict[str, str]]:
-        return self.card["findings"]
-
-    @property
-    def blockers(self) -> list[dict[str, str]]:
-        return [f for f in self.findings if f["level"] == "blocker"]
-
-    @property
-    def sufficiency(self) -> dict[str, Any] | None:
-        return self.card.get("sufficiency")
-
-
-def data_check(
-    config: str | Path | dict[str, Any] | Config,
-    overrides: list[str] | tuple[str, ...] = (),
-    *,
-    sufficiency: bool = True,
-    out: str | Path | None = None,
-) -> DataCheckResult:
-    """Build the data, run every check (label noise too, if data.check.label_noise) and, with
-    `sufficiency`, the learning-curve estimate; write data_card.json and data_check.html into
-    `out` (default runs/<name>-check/). Blockers are reported, not raised."""
-    import json
-
-    from danlu.data.check import run_checks
-    from danlu.data.check_report import render
-
-    cfg = _as_config(config, overrides)
-    seed_everything(cfg.seed)
-    bundle = data.build(**cfg.data.model_dump(), seed=cfg.seed)
-    d = cfg.data
-    report = run_checks(
-        bundle,
-        max_length=d.tokenizer.max_length if d.tokenizer else None,
-        label_noise=d.check.label_noise,
-        max_rows=d.check.max_rows,
-        seed=cfg.seed,
-    )
-    card = {**bundle.card, "findings": report.findings, "check": report.stats}
-    if sufficiency:
-        from danlu.tune.sufficiency import estimate
-
-        s = d.sufficiency
-        card["sufficiency"] = estimate(
-            bundle,
-            fractions=s.fractions,
-            seeds=s.seeds,
-            project_to=s.project_to,
-            model=s.model,
-            max_steps=s.max_steps,
-            model_config=cfg.model.model_dump(),
-            train_config=cfg.train.model_dump(),
-            seed=cfg.seed,
-            progress=lambda line: log.info("learning curve: %s", line),
-        )
-    folder = Path(out) if out is not None else Path(cfg.runs_dir) / f"{cfg.name}-check"
-    atomic_write_text(folder / "data_card.json", json.dumps(card, indent=2, default=str) + "\n")
-    atomic_write_text(folder / "data_check.html", render(card))
-    return DataCheckResult(folder, card)
-
-
-def _pretraining_checks(bundle: data.DataBundle, cfg: Config) -> None:
-    """The cheap data checks (no label noise, no learning curve) before any training: their
-    findings go into the run's data card; blockers stop training (on_blockers: stop)."""
-    from danlu.data.check import run_checks
-
-    tok = cfg.data.tokenizer
-    report = run_checks(bundle, max_length=tok.max_length if tok else None, seed=cfg.seed)
-    bundle.card["findings"] = report.findings
-    bundle.card["check"] = report.stats
-    blockers = report.blockers
-    if not blockers:
-        return
-    if cfg.data.check.on_blockers == "stop":
-        listed = "; ".join(f"{f['message']} ({f['action']})" for f in blockers)
-        raise DataError(
-            f"the data check found {len(blockers)} blocker(s): {listed}",
-            fix="fix the data (`danlu data check CONFIG` writes the full report), or set "
-            "data.check.on_blockers: warn to train anyway",
-        )
-    for f in blockers:
-        log.warning("data check blocker: %s. %s", f["message"], f["action"])
-
-
 # ------------------------------------------------------------------------------ helpers
 
 
@@ -342,6 +286,56 @@ def _resume_config(run: RunDir, config: Any, overrides: Any, force: bool) -> Con
             fix="resume with the original config, or pass --force to continue anyway",
         )
     return cfg
+
+
+def _with_init_from(cfg: Config) -> Config:
+    """A config whose model starts from a pretraining run: the run's architecture (the keys
+    the user wrote win) and, unless data.tokenizer.type is given, the run's tokenizer."""
+    source = cfg.model.init_from
+    try:
+        init = RunDir.open(source)
+        init.require_weights()
+    except Exception as e:
+        raise ConfigError(
+            f"model.init_from: {source} is not a finished danlu run ({e})",
+            fix="point it at the folder of a pretraining run, e.g. runs/gpt_bible_char",
+        ) from None
+    saved = init.load_config()
+    length = int(init.read("preprocess.json")["input_shape"][0])
+    given = set(cfg.model.model_fields_set)
+    raw = cfg.to_dict()
+    raw["model"] = models.inherit_architecture(
+        saved.model.model_dump(), length, cfg.model.model_dump(), given
+    )
+    tok = cfg.data.tokenizer
+    given_tok = tok.model_fields_set if tok is not None else set()
+    if init.tokenizer.is_file() and "type" not in given_tok:
+        raw["data"]["tokenizer"] = {
+            **(raw["data"]["tokenizer"] or {}),
+            "type": "file",
+            "path": str(init.tokenizer),
+        }
+    context = raw["model"].get("context")
+    if context and raw["data"]["tokenizer"] and "max_length" not in given_tok:
+        # texts are cut to what the pretrained positions cover (a longer max_length, written
+        # explicitly, gets the model's own error naming model.context)
+        limit = raw["data"]["tokenizer"].get("max_length") or context
+        raw["data"]["tokenizer"]["max_length"] = min(limit, context)
+    return config_mod.validate(raw)
+
+
+def _start_from(model: torch.nn.Module, source: str, bundle: data.DataBundle) -> None:
+    init = RunDir.open(source)
+    recorded = init.read("preprocess.json").get("text") or {}
+    encoder = bundle.encoder
+    if encoder is not None and recorded.get("tokenizer_hash") not in (None, encoder.hash):
+        raise ConfigError(
+            f"model.init_from: {source} was trained with another vocabulary (tokenizer "
+            f"{recorded['tokenizer_hash'][:12]}, this run's {encoder.hash[:12]})",
+            fix="leave data.tokenizer.type unset so the run's own tokenizer.json is used",
+        )
+    new = models.load_backbone(model, init.weights, f"run '{source}'")
+    log.info("started from %s (new: %s)", source, ", ".join(new) or "no new weights")
 
 
 def _check_same_data(run: RunDir, digest: str, force: bool) -> None:

@@ -116,19 +116,31 @@ def train(
     debug: Debug = False,
 ) -> None:
     """Train a model; the run directory holds everything later stages need."""
+    _training("train", config, overrides, run_dir, resume, force)
+
+
+def _training(
+    verb: str,
+    config: str | None,
+    overrides: list[str] | None,
+    run_dir: Path | None,
+    resume: Path | None,
+    force: bool,
+) -> None:
     from danlu import api
     from danlu.train.loop import TrainingInterrupted
 
     config, overrides = _split_args(config, overrides)
     if config is None and resume is None:
-        raise DanluError("no config given", fix="run `danlu train configs/fashion_cnn.yaml`")
+        example = "gpt_bible_char" if verb == "pretrain" else "fashion_cnn"
+        raise DanluError("no config given", fix=f"run `danlu {verb} configs/{example}.yaml`")
     if run_dir is not None and run_dir.exists() and not run_dir.is_dir():
         raise DanluError(f"--run-dir '{run_dir}' is a file", fix="pass a new or empty folder")
     try:
-        result = api.train(config, overrides, run_dir=run_dir, resume=resume, force=force)
+        result = getattr(api, verb)(config, overrides, run_dir=run_dir, resume=resume, force=force)
     except TrainingInterrupted as e:
         err.print(
-            escape(f"{e}. Resume with: danlu train --resume {e.run.path}"),
+            escape(f"{e}. Resume with: danlu {verb} --resume {e.run.path}"),
             highlight=False,
             soft_wrap=True,
         )
@@ -172,7 +184,11 @@ def evaluate(
 
 
 def _metrics_table(metrics: dict[str, Any], split: str, run: Path) -> None:
-    out.print(f"{escape(str(run))} · {split} split · {metrics.get('count', '?')} examples")
+    count = metrics.get("count", "?")
+    unit = "tokens scored" if "perplexity" in metrics else "examples"
+    if "generated" in metrics:
+        unit += f", {metrics['generated']} targets generated"
+    out.print(f"{escape(str(run))} · {split} split · {count} {unit}")
     table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -405,6 +421,9 @@ def quickstart(
         highlight=False,
         soft_wrap=True,
     )
+
+
+from danlu import cli_text  # noqa: E402, F401  (registers pretrain and generate)
 
 
 def main() -> None:

@@ -13,19 +13,25 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from danlu.config_errors import describe
+from danlu.config_models import (  # noqa: F401  (the whole schema is importable from here)
+    BERTConfig,
+    CNNConfig,
+    GPTConfig,
+    MLPConfig,
+    ModelConfig,
+    RNNConfig,
+    Section,
+    Seq2SeqConfig,
+)
 from danlu.errors import ConfigError
 
 EXAMPLES_DIR = Path(__file__).parent / "configs"
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -93,13 +99,13 @@ class CheckConfig(Section):
 
 
 class SufficiencyConfig(Section):
-    fractions: list[Annotated[float, Field(gt=0, le=1)]] = [0.1, 0.2, 0.4, 0.8]
+    fractions: list[Annotated[float, Field(gt=0, le=1)]] = [0.1, 0.2, 0.4, 0.8]  # noqa: RUF012
     seeds: int = Field(3, ge=1, le=20, description="repeats per fraction")
     model: Literal["baseline", "configured"] = Field(
         "baseline", description="a quick scikit-learn baseline, or the configured model"
     )
     max_steps: int | None = Field(None, ge=1, description="configured model: steps per fit")
-    project_to: list[Annotated[float, Field(gt=0)]] = [1.0, 2.0, 4.0]
+    project_to: list[Annotated[float, Field(gt=0)]] = [1.0, 2.0, 4.0]  # noqa: RUF012
 
 
 class DataConfig(Section):
@@ -119,6 +125,9 @@ class DataConfig(Section):
     memory_cap_mb: int | None = Field(
         None, ge=1, description="token cache: stream corpora larger than this (MB)"
     )
+    max_words: int | None = Field(
+        None, ge=1, description="seq2seq: keep pairs with at most this many words per side"
+    )
     features: list[str] | None = Field(None, description="feature columns (default: all others)")
     columns: dict[str, Literal["numeric", "categorical", "ignore"]] = Field(
         default_factory=dict, description="declared column types; others are inferred"
@@ -137,38 +146,6 @@ class DataConfig(Section):
     check: CheckConfig = CheckConfig()
     sufficiency: SufficiencyConfig = SufficiencyConfig()
 
-
-# --------------------------------------------------------------------------------- model
-
-Output = Literal["auto", "softmax", "sigmoid", "linear"]
-_OUTPUT = "auto = softmax for classes, linear for regression; sigmoid = one logit for 2 classes"
-
-
-class MLPConfig(Section):
-    type: Literal["mlp"]
-    hidden_sizes: list[Annotated[int, Field(ge=1)]] = [128]
-    activation: Literal["relu", "gelu", "tanh", "sigmoid", "linear"] = "relu"
-    dropout: float = Field(0.0, ge=0, lt=1)
-    norm: Literal["none", "batch", "layer"] = "none"
-    output: Output = Field("auto", description=_OUTPUT)
-
-
-class CNNConfig(Section):
-    type: Literal["cnn"]
-    channels: list[Annotated[int, Field(ge=1)]] = Field([32, 64, 128], min_length=1)
-    kernel_size: int = Field(3, ge=1, le=11)
-    convs_per_block: int = Field(1, ge=1, le=4)
-    pool: Literal["max", "avg", "none"] = "max"
-    batch_norm: bool = True
-    activation: Literal["relu", "gelu"] = "relu"
-    block_dropout: float = Field(0.0, ge=0, lt=1)
-    global_pool: bool = Field(False, description="average-pool the last block instead of flatten")
-    head_sizes: list[Annotated[int, Field(ge=1)]] = [128]
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the MLP head")
-    output: Output = Field("auto", description=_OUTPUT)
-
-
-ModelConfig = Annotated[Union[MLPConfig, CNNConfig], Field(discriminator="type")]  # noqa: UP007
 
 # --------------------------------------------------------------------------------- train
 
@@ -214,6 +191,10 @@ class TrainConfig(Section):
     eval_batch_size: int | None = Field(None, ge=1, description="default: 2 × batch_size")
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    objective: Literal["auto", "supervised", "causal_lm", "masked_lm", "seq2seq"] = Field(
+        "auto", description="auto: from data.task and model.type (bert → masked_lm)"
+    )
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="masked_lm: tokens predicted")
     loss: Literal["auto", "cross_entropy", "bce", "mse", "hinge"] = "auto"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["none", "auto"] | list[float] = "none"
@@ -249,6 +230,11 @@ class EvaluateConfig(Section):
     split: Literal["train", "val", "test"] = "test"
     metrics: list[str] | None = Field(None, description="default: the task's standard set")
     batch_size: int | None = Field(None, ge=1)
+    generate_samples: int | None = Field(
+        500, ge=1, description="seq2seq: sources translated and scored (null = the whole split)"
+    )
+    num_beams: int = Field(1, ge=1, le=16, description="seq2seq: beam width when scoring")
+    max_new_tokens: int | None = Field(None, ge=1, description="default: the tokenizer's max")
 
 
 class Config(Section):

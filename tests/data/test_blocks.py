@@ -83,6 +83,14 @@ def test_sequential_packed_blocks_cover_every_target_once(split):
     assert starts.tolist() == list(range(0, len(split) - 1, 8))
 
 
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_one_row_batch_keeps_padding_out_of_its_inputs(split, pack):
+    """With one row, x and y slices share a buffer unless copied: IGNORE must not leak into x."""
+    loader = BlockLoader(split, batch_size=1, block_size=8, order="sequential", pack=pack)
+    for b in loader.epoch(0):
+        assert (b.x >= 0).all()
+
+
 def test_unpacked_blocks_stay_inside_one_document(split):
     loader = BlockLoader(split, 4, 8, order="sequential", pack=False)
     targets = []

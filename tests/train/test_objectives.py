@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,14 @@ from danlu.data.loader import Batch
 from danlu.errors import ConfigError
 from danlu.evaluate.metrics import ClassificationMetrics, RegressionMetrics
 from danlu.models.mlp import MLP
-from danlu.train.objectives import Supervised, class_weights, make_loss, sample_weights
+from danlu.train.objectives import (
+    Supervised,
+    TokenObjective,
+    build_objective,
+    class_weights,
+    make_loss,
+    sample_weights,
+)
 
 
 @pytest.fixture
@@ -151,9 +160,64 @@ def test_supervised_objective_returns_loss_outputs_and_metrics():
     model = MLP(3, [4], num_outputs=2)
     batch = Batch(torch.randn(5, 3), torch.tensor([0, 1, 1, 0, 1]), torch.arange(5))
     objective = Supervised(make_loss("auto", "softmax"), "classification", "softmax", ["a", "b"])
-    loss, outputs = objective(model, batch)
-    assert outputs.shape == (5, 2)
+    loss, outputs, targets = objective(model, batch)
+    assert outputs.shape == (5, 2) and targets is batch.y
     assert torch.allclose(loss, F.cross_entropy(outputs, batch.y))
     assert isinstance(objective.metrics(), ClassificationMetrics)
     regression = Supervised(make_loss("auto", "linear"), "regression", "linear", None)
     assert isinstance(regression.metrics(), RegressionMetrics)
+
+
+def test_token_objectives_shift_mask_and_score_the_right_positions():
+    """seq2seq: the decoder reads target[:-1] and is scored on target[1:] without padding."""
+    seen = {}
+
+    class Echo(torch.nn.Module):
+        def forward(self, src, tgt_in):
+            seen["tgt_in"] = tgt_in
+            return torch.zeros(*tgt_in.shape, 9)
+
+    text = {"pad_id": 0, "vocab_size": 9, "special_ids": {"pad": 0, "bos": 1, "eos": 2}}
+    tgt = torch.tensor([[1, 5, 6, 2, 0], [1, 7, 2, 0, 0]])
+    batch = Batch(torch.tensor([[5, 6], [7, 0]]), tgt, torch.arange(2))
+    loss, _, labels = TokenObjective("seq2seq", text)(Echo(), batch)
+    assert torch.equal(seen["tgt_in"], tgt[:, :-1])
+    assert labels.tolist() == [[5, 6, 2, -100], [7, 2, -100, -100]]
+    assert float(loss) == pytest.approx(math.log(9))  # uniform logits over 9 tokens
+
+
+def test_masked_lm_objective_predicts_only_masked_positions():
+    torch.manual_seed(0)
+    text = {
+        "pad_id": 0,
+        "vocab_size": 30,
+        "special_ids": {"pad": 0, "unk": 1, "mask": 2},
+    }
+    ids = torch.randint(3, 30, (8, 40))
+    ids[:, 30:] = 0  # padding is never chosen
+    model = torch.nn.Sequential(torch.nn.Embedding(30, 30))
+    loss, logits, labels = TokenObjective("masked_lm", text)(
+        model, Batch(ids, ids, torch.arange(8))
+    )
+    chosen = labels != -100
+    assert logits.shape == (8, 40, 30)
+    assert int(chosen.sum()) == 8 * round(30 * 0.15)  # 15 % of each row's real tokens
+    assert not chosen[:, 30:].any() and torch.equal(labels[chosen], ids[chosen])
+    assert torch.isfinite(loss)
+
+
+def test_build_objective_rejects_supervised_keys_on_token_objectives():
+    from danlu.data.spec import DataSpec
+
+    spec = DataSpec("language_modeling", "text", [8], text={"pad_id": 0, "special_ids": {}})
+    train = {
+        "objective": "auto",
+        "label_smoothing": 0.0,
+        "class_weights": "auto",
+        "loss": "auto",
+        "mlm_probability": 0.15,
+    }
+    with pytest.raises(ConfigError, match=r"train.class_weights and train.loss apply to"):
+        build_objective(train, spec, "gpt", "softmax", None)
+    with pytest.raises(ConfigError, match=r"masked_lm needs a \[MASK\] token"):
+        build_objective({**train, "class_weights": "none"}, spec, "bert", "softmax", None)

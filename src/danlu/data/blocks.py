@@ -174,8 +174,10 @@ class BlockLoader:
         idx = np.minimum(starts[:, None] + pos, n - 1)  # (B, T + 1)
         data = self.split.tokens[idx].astype(np.int64)  # (B, T + 1)
         data[~valid] = self.pad_id
-        x = torch.from_numpy(np.ascontiguousarray(data[:, :-1]))  # (B, T)
-        y = np.ascontiguousarray(data[:, 1:])  # (B, T)
+        # copies, not views: with one row both slices would share `data`, and y's IGNORE
+        # would leak into x
+        x = torch.from_numpy(data[:, :-1].copy())  # (B, T)
+        y = data[:, 1:].copy()  # (B, T)
         y[~valid[:, 1:]] = IGNORE
         y = torch.from_numpy(y)
         rows = torch.from_numpy(starts.astype(np.int64))

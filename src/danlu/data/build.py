@@ -150,6 +150,7 @@ def build(
     pack: bool = True,
     encoding_errors: str = "strict",
     memory_cap_mb: int | None = None,
+    max_words: int | None = None,
     check: dict[str, Any] | None = None,  # read by `danlu data check`, not here
     sufficiency: dict[str, Any] | None = None,  # read by `danlu data check`, not here
     seed: int = 0,
@@ -191,6 +192,8 @@ def build(
             seed=opts["seed"],
         )
     elif isinstance(raw, RawPairs):
+        if max_words is not None:
+            raw = prepare_text.short_pairs(raw, max_words)
         bundle = prepare_text.pairs(raw, dataset, tokenizer=tokenizer, **opts)
     else:
         bundle = prepare.table(

@@ -315,6 +315,16 @@ CATALOG: dict[str, Builtin] = {
             license=BIBLE_LICENSE,
         ),
         Builtin(
+            "copy-task",
+            "seq2seq",
+            "pairs",
+            "20,000 random sentences of 3–12 words (24-word vocabulary) → the same sentence",
+            "generated on the fly (seed 0): nothing to install",
+            lambda: Path("generated"),
+            lambda _: copy_pairs(),
+            license="generated",
+        ),
+        Builtin(
             "bible-en-es",
             "seq2seq",
             "pairs",
@@ -327,6 +337,21 @@ CATALOG: dict[str, Builtin] = {
         ),
     ]
 }
+
+
+COPY_WORDS = [
+    *("the", "cat", "sat", "on", "mat", "dog", "ran", "to", "red", "blue", "big", "small"),
+    *("house", "tree", "bird", "sang", "a", "old", "new", "man", "woman", "saw", "river", "green"),
+]
+
+
+def copy_pairs(n: int = 20_000, seed: int = 0) -> RawPairs:
+    """The copy task: random word sequences whose target is the sequence itself. A seq2seq
+    model only solves it with working attention, positions and masks."""
+    rng = np.random.default_rng(seed)
+    words = np.array(COPY_WORDS)
+    rows = [" ".join(words[rng.integers(0, len(words), rng.integers(3, 13))]) for _ in range(n)]
+    return RawPairs(rows, list(rows), "copy-task (generated, seed 0)")
 
 
 def names() -> list[str]:

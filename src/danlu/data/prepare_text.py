@@ -116,6 +116,28 @@ def texts(
     return DataBundle(splits, spec, card, digest, raw=raw, encoder=encoder)
 
 
+def short_pairs(raw: RawPairs, max_words: int) -> RawPairs:
+    """The pairs whose source and target both have at most `max_words` words."""
+    keep = [
+        i
+        for i, (a, b) in enumerate(zip(raw.sources, raw.targets, strict=True))
+        if len(a.split()) <= max_words and len(b.split()) <= max_words
+    ]
+    if not keep:
+        raise DataError(
+            f"{raw.origin}: no pair has at most data.max_words={max_words} words on both sides",
+            fix="raise data.max_words (or remove it)",
+        )
+    pick = lambda items: [items[i] for i in keep]  # noqa: E731
+    return RawPairs(
+        pick(raw.sources),
+        pick(raw.targets),
+        f"{raw.origin}, pairs of ≤ {max_words} words ({len(keep):,} of {len(raw.sources):,})",
+        pick(raw.keys) if raw.keys else None,
+        raw.unmatched,
+    )
+
+
 def pairs(
     raw: RawPairs,
     dataset: str,
@@ -149,13 +171,13 @@ def pairs(
     splits, lengths = {}, {}
     for name, p in pos.items():
         src, n_src = _encode(encoder, [raw.sources[i] for i in p], options["max_length"], origin)
-        tgt, n_tgt = _encode(encoder, [raw.targets[i] for i in p], options["max_length"], origin)
+        tgt, n_tgt = _encode_targets(encoder, [raw.targets[i] for i in p], options["max_length"])
         splits[name] = Split(torch.from_numpy(src), torch.from_numpy(tgt), p)
         lengths[name] = np.concatenate([n_src, n_tgt])
     spec = DataSpec(
         "seq2seq",
         "text",
-        [splits["train"].x.shape[1]],
+        [options["max_length"]],  # the longest source or target a model must take
         None,
         None,
         text=text_spec(encoder, options["max_length"], options),
@@ -202,6 +224,39 @@ def _encode(
     full = np.array([len(ids) for ids in encoder.encode_ids(docs, add_special_tokens=True)])
     enc = encoder.encode_batch(docs, max_length=max_length, padding="longest")
     return enc.ids, full
+
+
+def target_markers(special_ids: dict[str, int]) -> tuple[int, int]:
+    """The (start, end) ids that frame a seq2seq target: BOS/EOS, else CLS/SEP."""
+    start = special_ids.get("bos", special_ids.get("cls"))
+    end = special_ids.get("eos", special_ids.get("sep"))
+    if start is None or end is None:
+        raise DataError(
+            "seq2seq targets need start and end tokens, and the tokenizer has neither "
+            "[BOS]/[EOS] nor [CLS]/[SEP]",
+            fix="train the tokenizer with danlu (data.tokenizer.type: bpe, wordpiece, ...) or "
+            "use one that defines them",
+        )
+    return start, end
+
+
+def _encode_targets(
+    encoder: TextEncoder, docs: list[str], max_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(N, L) target ids framed as start … end (the decoder reads start … and predicts
+    … end), truncated to max_length including both, padded to the longest; full lengths."""
+    start, end = target_markers(encoder.special_ids)
+    pad = encoder.pad_id if encoder.pad_id is not None else 0
+    rows = [[start, *ids, end] for ids in encoder.encode_ids(docs, add_special_tokens=False)]
+    full = np.array([len(r) for r in rows], dtype=np.int64)
+    if not rows:
+        return np.zeros((0, 2), np.int64), full
+    cut = [r if len(r) <= max_length else [*r[: max_length - 1], end] for r in rows]
+    width = max(len(r) for r in cut)
+    out = np.full((len(cut), width), pad, dtype=np.int64)
+    for i, r in enumerate(cut):
+        out[i, : len(r)] = r
+    return out, full
 
 
 def _pad_to(split: Split, width: int, pad_id: int) -> Split:

@@ -157,7 +157,41 @@ class RegressionMetrics:
         }
 
 
+class TokenMetrics:
+    """Streams (logits (B, T, V), targets (B, T)) into loss per token (nats, no label
+    smoothing), perplexity and next-token accuracy; targets of -100 are not counted."""
+
+    def __init__(self) -> None:
+        self.nll, self.correct, self.n = 0.0, 0, 0
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logits, targets = logits.detach().flatten(0, -2).float(), targets.detach().flatten()
+        valid = targets != -100
+        if not bool(valid.any()):
+            return
+        logits, targets = logits[valid], targets[valid]  # (N, V), (N,)
+        self.nll += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        self.correct += int((logits.argmax(-1) == targets).sum())
+        self.n += int(valid.sum())
+
+    def compute(self) -> dict[str, Any]:
+        if not self.n:
+            return {"count": 0}
+        loss = self.nll / self.n
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),
+            "accuracy": self.correct / self.n,
+            "count": self.n,
+        }
+
+
+TOKEN_TASKS = ("language_modeling", "seq2seq")
+
+
 def accumulator(task: str, class_names: list[str] | None, kind: str):
+    if task in TOKEN_TASKS:
+        return TokenMetrics()
     return (
         ClassificationMetrics(class_names or [], kind)
         if task == "classification"
@@ -169,6 +203,8 @@ def metric_names(task: str, num_classes: int | None) -> list[str]:
     """The scalar metrics an accumulator reports for a task (before any prefix)."""
     if task == "regression":
         return ["mse", "rmse", "mae", "r2"]
+    if task in TOKEN_TASKS:
+        return ["loss", "perplexity", "accuracy"]
     names = [
         "accuracy",
         "precision_macro",
@@ -183,7 +219,7 @@ def metric_names(task: str, num_classes: int | None) -> list[str]:
 
 
 def headline(task: str) -> str:
-    return "accuracy" if task == "classification" else "rmse"
+    return {"classification": "accuracy", "regression": "rmse"}.get(task, "perplexity")
 
 
 def scalars(metrics: dict[str, Any]) -> dict[str, float]:

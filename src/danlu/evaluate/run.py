@@ -17,6 +17,7 @@ from danlu.data.spec import DataSpec
 from danlu.device import resolve_device
 from danlu.errors import DataError
 from danlu.evaluate.metrics import accumulator
+from danlu.evaluate.tokens import generation_scores, objective_name, token_outputs
 from danlu.rundir import RunDir, now
 
 log = logging.getLogger("danlu")
@@ -29,7 +30,11 @@ def load_model(run: RunDir) -> tuple[torch.nn.Module, Any, DataSpec, str]:
     model_cfg = cfg.model.model_dump()
     kind = models.output_kind(spec.task, model_cfg["output"])
     model = models.build(
-        model_cfg, input_shape=spec.input_shape, task=spec.task, num_classes=spec.num_classes
+        model_cfg,
+        input_shape=spec.input_shape,
+        task=spec.task,
+        num_classes=spec.num_classes,
+        text=spec.text,
     )
     models.load_weights(model, run.require_weights())
     return model.eval(), cfg, spec, kind
@@ -76,9 +81,25 @@ def evaluate_run(
         or 2 * cfg.train.batch_size
     )
     acc = accumulator(spec.task, spec.class_names, kind)
-    for batch in bundle.loader(split, size, device=str(dev)).epoch(0):
-        acc.update(model(batch.x), batch.y)
+    loader = bundle.loader(split, size, device=str(dev))
+    objective = objective_name(cfg.train.objective, spec.task, cfg.model.type)
+    for batch in loader.epoch(0):
+        if objective == "supervised":
+            acc.update(model(batch.x), batch.y)
+        else:
+            acc.update(
+                *token_outputs(
+                    model,
+                    objective,
+                    batch.x,
+                    batch.y,
+                    text=spec.text,
+                    mlm_probability=cfg.train.mlm_probability,
+                )
+            )
     results = acc.compute()
+    if spec.task == "seq2seq":
+        results.update(_generated(model, bundle, split, size, cfg, spec, str(dev)))
     if cfg.evaluate.metrics:
         wanted = set(cfg.evaluate.metrics) | {"count"}
         results = {k: v for k, v in results.items() if k in wanted}
@@ -86,3 +107,28 @@ def evaluate_run(
     results["evaluated"] = now()
     run.update_metrics(split, results)
     return results
+
+
+def _generated(
+    model: torch.nn.Module,
+    bundle: data.DataBundle,
+    split: str,
+    size: int,
+    cfg: Any,
+    spec: DataSpec,
+    device: str,
+) -> dict[str, Any]:
+    """Exact match, sacreBLEU and chrF of generated targets on (the first N of) a split."""
+    e = cfg.evaluate
+    part = bundle.splits[split]
+    if e.generate_samples and len(part) > e.generate_samples:
+        part = part.take(torch.arange(e.generate_samples).numpy())
+    sub = data.DataBundle({split: part}, spec, bundle.card, bundle.content_hash)
+    return generation_scores(
+        model,
+        sub.loader(split, size, device=device).epoch(0),
+        bundle.encoder,
+        text=spec.text,
+        max_new_tokens=min(e.max_new_tokens or spec.text["max_length"], model.context),
+        num_beams=e.num_beams,
+    )

@@ -16,9 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from danlu.config_models import TEXT_MODELS
 from danlu.errors import CheckpointError, ConfigError
-from danlu.models import cnn, mlp  # noqa: F401  (register the families)
+from danlu.models import bert, cnn, gpt, mlp, rnn, seq2seq  # noqa: F401  (register the families)
 from danlu.registry import MODELS
+
+TOKEN_TASKS = ("language_modeling", "seq2seq")
 
 
 def output_kind(task: str, output: str) -> str:
@@ -46,13 +49,48 @@ def num_outputs(task: str, num_classes: int | None, kind: str) -> int:
 
 
 def build(
-    model_cfg: dict[str, Any], *, input_shape: list[int], task: str, num_classes: int | None
+    model_cfg: dict[str, Any],
+    *,
+    input_shape: list[int],
+    task: str,
+    num_classes: int | None,
+    text: dict[str, Any] | None = None,
 ) -> nn.Module:
+    """`text` (the data spec's text section: vocab_size, pad_id, special_ids) is required by
+    the sequence families; language modelling and seq2seq get a vocabulary head."""
     kwargs = dict(model_cfg)
     family = kwargs.pop("type")
+    kwargs.pop("init_from", None)
     kind = output_kind(task, kwargs.pop("output", "auto"))
+    if family not in TEXT_MODELS:
+        if task in TOKEN_TASKS:
+            raise ConfigError(
+                f"model.type: {family} cannot do data.task: {task}",
+                fix="use a sequence model: gpt, rnn or bert (language_modeling), seq2seq",
+            )
+        return MODELS[family](
+            input_shape=list(input_shape),
+            num_outputs=num_outputs(task, num_classes, kind),
+            **kwargs,
+        )
+    if text is None:
+        raise ConfigError(
+            f"model.type: {family} reads token ids, but the data is not text",
+            fix="use mlp or cnn for tables and images, or text data (data.text / a corpus)",
+        )
+    if (family == "seq2seq") != (task == "seq2seq"):
+        raise ConfigError(
+            f"model.type: {family} does not fit data.task: {task}",
+            fix="seq2seq data (source → target pairs) needs model.type: seq2seq, and "
+            "model.type: seq2seq needs seq2seq data",
+        )
     return MODELS[family](
-        input_shape=list(input_shape), num_outputs=num_outputs(task, num_classes, kind), **kwargs
+        input_shape=list(input_shape),
+        num_outputs=None if task in TOKEN_TASKS else num_outputs(task, num_classes, kind),
+        vocab_size=text["vocab_size"],
+        pad_id=text["pad_id"],
+        special_ids=text["special_ids"],
+        **kwargs,
     )
 
 
@@ -91,3 +129,67 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         )
     model.load_state_dict(state)
     return model
+
+
+# ------------------------------------------------------------- starting from a pretraining run
+
+
+def inherit_architecture(
+    pretrained: dict[str, Any], pretrained_length: int, model_cfg: dict[str, Any], given: set[str]
+) -> dict[str, Any]:
+    """The model keys of a run that starts from `model.init_from`: the pretraining run's
+    architecture, with the keys the user wrote (`given`) on top. An unset context becomes the
+    pretraining sequence length, so learned positions keep their table size."""
+    if pretrained["type"] != model_cfg["type"]:
+        raise ConfigError(
+            f"model.init_from points at a {pretrained['type']} run, but model.type is "
+            f"{model_cfg['type']}",
+            fix=f"set model.type: {pretrained['type']} (the architecture comes from the run), "
+            "or start from a run of the same architecture",
+        )
+    merged = {k: v for k, v in pretrained.items() if k not in ("init_from", "output")}
+    merged.update(
+        {k: v for k, v in model_cfg.items() if k in given or k in ("init_from", "output")}
+    )
+    if merged.get("context") is None and merged["type"] != "rnn":  # an RNN has no limit
+        merged["context"] = pretrained_length
+    return merged
+
+
+def load_backbone(model: nn.Module, path: str | Path, origin: str) -> list[str]:
+    """Load a pretraining run's weights into a model for a new task: every weight of the
+    model but its new task head must come from the run, with the same shape. Pretraining
+    heads (LM, MLM) that the new model lacks are dropped. Returns the new head's keys."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from danlu.models.heads import SequenceHead
+
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"cannot read weights '{path}' ({e})") from None
+    heads = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, SequenceHead))
+    expected = model.state_dict()
+    new = [k for k in expected if k.startswith(heads) and k not in state]
+    missing = [k for k in expected if k not in state and k not in new]
+    wrong = [
+        f"{k} {list(state[k].shape)} (model: {list(v.shape)})"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if any(k.startswith(("embed", "tok", "wte")) for k in wrong):
+        raise ConfigError(
+            f"model.init_from: the vocabulary of {origin} does not match this run's tokenizer "
+            f"({'; '.join(wrong[:2])})",
+            fix="fine-tune with the pretraining run's tokenizer (leave data.tokenizer unset)",
+        )
+    if missing or wrong:
+        raise ConfigError(
+            f"model.init_from: the weights of {origin} do not fit this model (missing: "
+            f"{', '.join(missing[:5]) or 'none'}; wrong shape: {', '.join(wrong[:5]) or 'none'})",
+            fix="keep the pretraining run's architecture keys (leave them unset: they are "
+            "inherited from the run)",
+        )
+    model.load_state_dict({k: state[k] for k in expected if k in state}, strict=False)
+    return new

@@ -1,19 +1,27 @@
-"""Objectives: what `fit` minimizes. An objective maps (model, batch) to (loss, outputs).
+"""Objectives: what `fit` minimizes. An objective maps (model, batch) to (loss, outputs,
+targets), where `outputs` and `targets` are what its metrics accumulator scores.
 
-Supervised classification and regression live here; the text issues add language-model
-objectives with the same shape, so there is still one loop.
+Supervised classification and regression, causal and masked language modelling and seq2seq
+teacher forcing all have that shape, so there is one loop for all of them.
+
+    objective = TokenObjective("causal_lm", spec.text)
+    loss, logits, targets = objective(model, batch)      # logits (B, T, V), targets (B, T)
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from danlu.data.loader import Batch
 from danlu.errors import ConfigError
-from danlu.evaluate.metrics import accumulator
+from danlu.evaluate.metrics import TokenMetrics, accumulator
+from danlu.evaluate.tokens import IGNORE, objective_name, token_outputs
+
+Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # loss, outputs, targets
 
 LOSSES_FOR = {
     "softmax": ("cross_entropy", "hinge"),
@@ -87,9 +95,94 @@ class Supervised:
     def __init__(self, loss_fn: Callable, task: str, kind: str, class_names: list[str] | None):
         self.loss_fn, self.task, self.kind, self.class_names = loss_fn, task, kind, class_names
 
-    def __call__(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        outputs = model(batch.x)
-        return self.loss_fn(outputs, batch.y), outputs
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> Step:
+        outputs = model(batch.x)  # (B, C) or (B, 1)
+        return self.loss_fn(outputs, batch.y), outputs, batch.y
 
     def metrics(self):
         return accumulator(self.task, self.class_names, self.kind)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """Mean cross-entropy over the targets that are not IGNORE; logits (B, T, V)."""
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(),  # (B·T, V)
+        targets.flatten(),  # (B·T,)
+        ignore_index=IGNORE,
+        label_smoothing=label_smoothing,
+    )
+
+
+class TokenObjective:
+    """causal_lm: x is a block of tokens, y the block shifted by one.
+    masked_lm: BERT's 15 % of real tokens, 80 % → [MASK], 10 % random, 10 % kept, predicted
+    back (training masks with the checkpointed global RNG, so resume is exact; validation with
+    a generator seeded by the batch, so every evaluation scores the same positions).
+    seq2seq: teacher forcing, target[:-1] in, target[1:] predicted, padding not scored.
+    The forward pass is evaluate.tokens.token_outputs, shared with `danlu evaluate`."""
+
+    def __init__(
+        self,
+        name: str,
+        text: dict[str, Any] | None,
+        label_smoothing: float = 0.0,
+        mlm_probability: float = 0.15,
+    ) -> None:
+        self.name, self.text = name, text
+        self.label_smoothing, self.mlm_probability = label_smoothing, mlm_probability
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> Step:
+        logits, targets = token_outputs(
+            model,
+            self.name,
+            batch.x,
+            batch.y,
+            text=self.text or {},
+            mlm_probability=self.mlm_probability,
+        )
+        return token_loss(logits, targets, self.label_smoothing), logits, targets
+
+    def metrics(self) -> TokenMetrics:
+        return TokenMetrics()
+
+
+PRETRAINING = ("causal_lm", "masked_lm", "seq2seq")
+
+
+def build_objective(train: dict[str, Any], spec: Any, family: str, kind: str, bundle: Any):
+    """The objective for a training config (`train` section as a dict) and a data spec."""
+    name = objective_name(train["objective"], spec.task, family)
+    fits = {
+        "supervised": spec.task in ("classification", "regression"),
+        "causal_lm": spec.task == "language_modeling" and family in ("gpt", "rnn"),
+        "masked_lm": spec.task == "language_modeling" and family == "bert",
+        "seq2seq": spec.task == "seq2seq",
+    }
+    if not fits[name]:
+        raise ConfigError(
+            f"train.objective: {name} does not fit data.task: {spec.task} with model.type: "
+            f"{family}",
+            fix="leave train.objective: auto (causal_lm for gpt/rnn on a corpus, masked_lm "
+            "for bert, seq2seq for pairs, supervised for labels)",
+        )
+    smoothing = train["label_smoothing"]
+    if name != "supervised" and (train["class_weights"] != "none" or train["loss"] != "auto"):
+        raise ConfigError(
+            f"train.class_weights and train.loss apply to supervised tasks, not {name}",
+            fix="remove them (token objectives use cross-entropy; train.label_smoothing applies)",
+        )
+    if name == "masked_lm" and "mask" not in spec.text["special_ids"]:
+        raise ConfigError(
+            "masked_lm needs a [MASK] token, and this tokenizer has none",
+            fix="train the tokenizer with danlu (data.tokenizer.type: wordpiece/bpe/...) or "
+            "use one that defines a mask token",
+        )
+    if name != "supervised":
+        return TokenObjective(name, spec.text, smoothing, train["mlm_probability"])
+    weights = None
+    if spec.task == "classification":
+        weights = class_weights(bundle.splits["train"].y, spec.num_classes, train["class_weights"])
+    elif train["class_weights"] != "none":
+        raise ConfigError("train.class_weights needs a classification task")
+    loss = make_loss(train["loss"], kind, label_smoothing=smoothing, class_weights=weights)
+    return Supervised(loss, spec.task, kind, spec.class_names)

@@ -32,7 +32,7 @@ def train_step(
     for b in batches:
         b = _to(b, dev)
         with autocast(dev, prec):
-            loss, _ = objective(model, b)
+            loss, _, _ = objective(model, b)
         (loss * (len(b) / n)).backward()
         total += float(loss.detach()) * len(b) / n
     if l1:
@@ -61,10 +61,10 @@ def validate(
     for b in loader.epoch(0):
         b = _to(b, dev)
         with autocast(dev, prec):
-            loss, outputs = objective(model, b)
+            loss, outputs, targets = objective(model, b)
         loss_sum += float(loss) * len(b)
         n += len(b)
-        acc.update(outputs, b.y)
+        acc.update(outputs, targets)
     model.train(was_training)
     return {
         f"{prefix}loss": loss_sum / max(n, 1),

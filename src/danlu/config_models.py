@@ -1,0 +1,108 @@
+"""The `model:` section of the schema: one section class per model family.
+
+Text families (rnn, gpt, bert, seq2seq) share the keys that decide how a pretrained run is
+reused (`init_from`) and how a sequence becomes one prediction (`pooling`, `output`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+Output = Literal["auto", "softmax", "sigmoid", "linear"]
+_OUTPUT = "auto = softmax for classes, linear for regression; sigmoid = one logit for 2 classes"
+_INIT = "a danlu run (runs/<name>) whose weights start this model; the task head is new"
+_CONTEXT = "longest sequence the model takes (default: data.block_size / tokenizer.max_length)"
+
+
+class MLPConfig(Section):
+    type: Literal["mlp"]
+    hidden_sizes: list[Annotated[int, Field(ge=1)]] = [128]
+    activation: Literal["relu", "gelu", "tanh", "sigmoid", "linear"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    norm: Literal["none", "batch", "layer"] = "none"
+    output: Output = Field("auto", description=_OUTPUT)
+
+
+class CNNConfig(Section):
+    type: Literal["cnn"]
+    channels: list[Annotated[int, Field(ge=1)]] = Field([32, 64, 128], min_length=1)
+    kernel_size: int = Field(3, ge=1, le=11)
+    convs_per_block: int = Field(1, ge=1, le=4)
+    pool: Literal["max", "avg", "none"] = "max"
+    batch_norm: bool = True
+    activation: Literal["relu", "gelu"] = "relu"
+    block_dropout: float = Field(0.0, ge=0, lt=1)
+    global_pool: bool = Field(False, description="average-pool the last block instead of flatten")
+    head_sizes: list[Annotated[int, Field(ge=1)]] = [128]
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout in the MLP head")
+    output: Output = Field("auto", description=_OUTPUT)
+
+
+class TextModel(Section):
+    init_from: str | None = Field(None, description=_INIT)
+    context: int | None = Field(None, ge=2, description=_CONTEXT)
+    output: Output = Field("auto", description=_OUTPUT)
+
+
+class RNNConfig(TextModel):
+    type: Literal["rnn"]
+    cell: Literal["lstm", "gru"] = "lstm"
+    num_layers: int = Field(2, ge=1, le=16)
+    dim: int = Field(256, ge=1, description="embedding size")
+    hidden_size: int = Field(512, ge=1)
+    bidirectional: bool = Field(False, description="classification only")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    tie_weights: bool = Field(True, description="language model: output layer = embedding")
+    pooling: Literal["last", "mean"] = "last"
+
+
+class GPTConfig(TextModel):
+    type: Literal["gpt"]
+    num_layers: int = Field(4, ge=1, le=96)
+    num_heads: int = Field(4, ge=1)
+    dim: int = Field(256, ge=8)
+    mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    positions: Literal["learned", "rotary"] = "learned"
+    norm: Literal["layer", "rms"] = "layer"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    tie_weights: bool = True
+    bias: bool = True
+    pooling: Literal["last", "mean"] = Field("last", description="classification head input")
+
+
+class BERTConfig(TextModel):
+    type: Literal["bert"]
+    num_layers: int = Field(4, ge=1, le=96)
+    num_heads: int = Field(4, ge=1)
+    dim: int = Field(256, ge=8)
+    mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    tie_weights: bool = True
+    pooling: Literal["cls", "mean"] = "cls"
+
+
+class Seq2SeqConfig(TextModel):
+    type: Literal["seq2seq"]
+    num_layers: int = Field(3, ge=1, le=48, description="encoder layers")
+    decoder_layers: int | None = Field(None, ge=1, le=48, description="default: num_layers")
+    num_heads: int = Field(4, ge=1)
+    dim: int = Field(256, ge=8)
+    mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+    positions: Literal["sinusoidal", "learned"] = "sinusoidal"
+    activation: Literal["gelu", "relu"] = "gelu"
+
+
+ModelConfig = Annotated[
+    Union[MLPConfig, CNNConfig, RNNConfig, GPTConfig, BERTConfig, Seq2SeqConfig],  # noqa: UP007
+    Field(discriminator="type"),
+]
+TEXT_MODELS = ("rnn", "gpt", "bert", "seq2seq")

@@ -1,0 +1,298 @@
+"""Generate text from a run: what `danlu generate RUN --prompt ...` and danlu.generate call.
+
+    texts = generate("runs/tiny_gpt", ["ROMEO:", "JULIET:"], max_new_tokens=200,
+                     temperature=0.8, top_k=40, stop=["\\n\\n"])   # the continuations
+
+A causal language model (gpt, rnn) continues each prompt. Prompts are encoded without special
+tokens, after the tokenizer's end-of-text token when it has one (training joins documents
+with it, so every document but the first follows one), truncated on the left to the model's
+context, left-padded into one batch and run through model.generate. A seq2seq model
+translates each prompt (encoded with special tokens, as its training sources were).
+
+The result is the generated text only, cut before the first stop string. `stream(row, piece)`
+receives it piece by piece as it is produced: new ids are decoded after a few prompt tokens
+(so word-start markers such as Metaspace's decode as in the full text), a trailing
+incomplete UTF-8 character (byte-level BPE) or a possible start of a stop string is held back
+until the next token settles it. The pieces of a row join to its returned text whenever
+decoding more tokens only appends text (byte-level BPE, char and unigram tokenizers do).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from danlu.data.tokenize import TextEncoder
+from danlu.device import resolve_device
+from danlu.errors import ConfigError
+from danlu.evaluate.run import load_model
+from danlu.models.sampling import check_options, left_pad
+from danlu.rundir import RunDir
+
+log = logging.getLogger("danlu")
+CONTEXT_TOKENS = 8  # prompt tokens decoded before the new ones (then cut off again)
+Stream = Callable[[int, str], None]
+
+
+# ----------------------------------------------------------------- incremental decoding
+
+
+def first_stop(text: str, stop: Sequence[str]) -> int | None:
+    """Where the earliest stop string begins in text (None: nowhere)."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(found) if found else None
+
+
+def partial_stop(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of text that begins a stop string (it may become one)."""
+    longest = 0
+    for s in stop:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+class Continuation:
+    """One row's generated text, decoded incrementally: what may be streamed, where to stop.
+
+    c = Continuation(encoder.decode, prompt_ids, stop=["\\n\\n"])
+    piece = c.push(token)   # '' while held back; c.done once a stop string appeared
+    piece = c.finish()      # the end of generation: whatever was held back
+    c.text                  # the continuation, cut before the stop string
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], prompt_ids, stop=()) -> None:
+        self.decode, self.stop = decode, list(stop)
+        self.context = list(prompt_ids)[-CONTEXT_TOKENS:]
+        self.prefix = decode(self.context) if self.context else ""
+        self.ids: list[int] = []
+        self.text, self.sent, self.done = "", 0, False
+
+    def push(self, *tokens: int) -> str:
+        """Add generated tokens; returns the text that may be streamed now."""
+        if self.done:
+            return ""
+        self.ids.extend(tokens)
+        full = self.decode(self.context + self.ids)
+        text = full[len(self.prefix) :] if full.startswith(self.prefix) else self.decode(self.ids)
+        cut = first_stop(text, self.stop)
+        if cut is not None:
+            self.text, self.done = text[:cut], True
+            return self._emit(cut)
+        self.text = text
+        safe = len(text) - partial_stop(text, self.stop)
+        while safe > self.sent and text[safe - 1] == "\ufffd":  # an unfinished character
+            safe -= 1
+        return self._emit(safe)
+
+    def finish(self) -> str:
+        self.done = True
+        return self._emit(len(self.text))
+
+    def _emit(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        piece, self.sent = self.text[self.sent : end], end
+        return piece
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def generate(
+    run: str | Path | RunDir,
+    prompts: str | list[str],
+    *,
+    max_new_tokens: int = 128,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+    stop: str | list[str] | None = None,
+    num_beams: int = 1,
+    seed: int = 0,
+    stream: Stream | None = None,
+    device: str = "auto",
+) -> list[str]:
+    """The generated continuation (or translation) of each prompt, without the prompt."""
+    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    check_request(texts, max_new_tokens, num_beams, stop)
+    check_options(temperature, top_k, top_p, repetition_penalty)
+    run = run if isinstance(run, RunDir) else RunDir.open(run)
+    model, cfg, spec, _ = load_model(run)
+    family, task = cfg.model.type, spec.task
+    seq2seq = family == "seq2seq"
+    causal = task == "language_modeling" and callable(getattr(model, "generate", None))
+    if not seq2seq and not causal:
+        message, fix = _cannot_generate(run, family, task)
+        raise ConfigError(message, fix=fix)
+    if not seq2seq and num_beams != 1:
+        raise ConfigError(
+            f"num_beams: {num_beams} — beam search is for seq2seq runs; run '{run.path}' is a "
+            f"{family} language model",
+            fix="use num_beams 1 (greedy with temperature 0, or sampling)",
+        )
+    encoder = TextEncoder.load(run.tokenizer)
+    dev = resolve_device(device)
+    model.to(dev)
+    sample = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+    sample |= {"repetition_penalty": repetition_penalty}
+    sample["generator"] = torch.Generator(dev).manual_seed(seed)
+    common = {"max_new_tokens": max_new_tokens, "stop": stop, "stream": stream}
+    if seq2seq:
+        limit = (spec.text or {}).get("max_length") or model.context
+        return translate(
+            model, encoder, texts, num_beams=num_beams, limit=limit, **sample, **common
+        )
+    return complete(model, encoder, texts, **sample, **common)
+
+
+def check_request(texts: list[str], max_new_tokens: int, num_beams: int, stop) -> None:
+    if not texts:
+        raise ConfigError("no prompts given", fix='pass --prompt "Once upon a time"')
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text:
+            what = "is empty" if isinstance(text, str) else f"is a {type(text).__name__}"
+            raise ConfigError(f"prompt {i + 1} {what}", fix="give every prompt some text")
+    if max_new_tokens < 1:
+        raise ConfigError(
+            f"max_new_tokens must be 1 or more, got {max_new_tokens}", fix="use e.g. 128"
+        )
+    if num_beams < 1:
+        raise ConfigError(f"num_beams must be 1 or more, got {num_beams}", fix="use 1, or e.g. 4")
+    if stop and not all(isinstance(s, str) and s for s in stop):
+        raise ConfigError(f"stop strings must be non-empty text, got {stop!r}", fix="drop them")
+
+
+def _cannot_generate(run: RunDir, family: str, task: str) -> tuple[str, str]:
+    if task == "language_modeling":  # bert: a masked LM
+        return (
+            f"run '{run.path}' is a {family} masked language model: it fills in [MASK] tokens "
+            "and cannot generate text left to right",
+            "pretrain a gpt or rnn language model to generate (model.type: gpt)",
+        )
+    return (
+        f"run '{run.path}' is a {family} {task} model: it predicts labels, not text",
+        f"use `danlu predict {run.path}`",
+    )
+
+
+def complete(
+    model: Any,
+    encoder: TextEncoder,
+    texts: list[str],
+    *,
+    max_new_tokens: int,
+    stop: Sequence[str] = (),
+    stream: Stream | None = None,
+    **sample: Any,
+) -> list[str]:
+    """Continue prompts with a causal LM (anything with GPT.generate's signature)."""
+    eos = encoder.special_ids.get("eos")
+    rows = encoder.encode_ids(texts)
+    for i, row in enumerate(rows):
+        if not row:
+            raise ConfigError(f"prompt {i + 1} has no tokens", fix="give it some text")
+    start = [eos] if eos is not None else []  # what every document but the first follows
+    rows = _fit_context([start + row for row in rows], getattr(model, "context", None))
+    ids, mask = left_pad(rows, model.pad_id)  # (B, T)
+    rows_text = [Continuation(encoder.decode, row, stop) for row in rows]
+    live = [True] * len(rows)
+
+    def emit(i: int, piece: str) -> None:
+        if piece and stream is not None:
+            stream(i, piece)
+
+    def on_token(tokens: torch.Tensor) -> bool:
+        for i, t in enumerate(tokens.tolist()):
+            if live[i]:
+                c = rows_text[i]
+                emit(i, c.finish() if t == eos else c.push(t))
+                live[i] = not c.done
+        return not any(live)
+
+    track = stream is not None or bool(stop)
+    device = next(model.parameters()).device
+    out = model.generate(
+        ids.to(device),
+        mask.to(device),
+        max_new_tokens=max_new_tokens,
+        eos_id=eos,
+        on_token=on_token if track else None,
+        **sample,
+    )
+    for i, c in enumerate(rows_text):
+        if not track:
+            c.push(*_until(out[i, ids.shape[1] :].tolist(), eos))
+        emit(i, c.finish())
+    return [c.text for c in rows_text]
+
+
+def translate(
+    model: Any,
+    encoder: TextEncoder,
+    texts: list[str],
+    *,
+    max_new_tokens: int,
+    num_beams: int,
+    limit: int,
+    stop: Sequence[str] = (),
+    stream: Stream | None = None,
+    **sample: Any,
+) -> list[str]:
+    """Translate prompts with a seq2seq model; each row is streamed whole when done."""
+    special = encoder.special_ids
+    bos = special.get("bos", special.get("cls"))
+    eos = special.get("eos", special.get("sep"))
+    lengths = [len(ids) for ids in encoder.encode_ids(texts, add_special_tokens=True)]
+    for i, n in enumerate(lengths):
+        if n > limit:
+            log.warning("prompt %d has %d tokens, more than %d: its end is cut", i + 1, n, limit)
+    enc = encoder.encode_batch(texts, max_length=limit, truncation="truncate")
+    device = next(model.parameters()).device
+    if num_beams > 1:  # deterministic: temperature does not apply (top_k etc. are refused)
+        sample = {**sample, "temperature": 0.0, "generator": None}
+    out = model.generate(
+        torch.from_numpy(enc.ids).to(device),
+        max_new_tokens=max_new_tokens,
+        num_beams=num_beams,
+        bos_id=bos,
+        eos_id=eos,
+        **sample,
+    )
+    results = []
+    for i, row in enumerate(out.tolist()):
+        c = Continuation(encoder.decode, [], stop)
+        c.push(*_until(row, eos))
+        piece = c.finish()
+        if piece and stream is not None:
+            stream(i, piece)
+        results.append(c.text)
+    return results
+
+
+def _fit_context(rows: list[list[int]], context: int | None) -> list[list[int]]:
+    """Keep the last `context` tokens of longer prompts (with a warning)."""
+    if context is None:
+        return rows
+    for i, row in enumerate(rows):
+        if len(row) > context:
+            log.warning(
+                "prompt %d has %d tokens, more than model.context=%d: keeping its last %d",
+                i + 1,
+                len(row),
+                context,
+                context,
+            )
+    return [row[-context:] for row in rows]
+
+
+def _until(ids: list[int], eos: int | None) -> list[int]:
+    return ids[: ids.index(eos)] if eos is not None and eos in ids else ids
