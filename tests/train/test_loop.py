@@ -425,3 +425,18 @@ def test_bf16_precision_runs_on_cpu(blobs_config):
     assert RunDir("r").read("lineage.json")["precision"] == "bf16"
     val = [h for h in _history(RunDir("r")) if h["split"] == "val"]
     assert val and np.isfinite(val[-1]["val_loss"])
+
+
+def test_auto_precision_on_cpu_needs_the_flag_and_a_measured_speed_up(monkeypatch):
+    from danlu import device as dev
+
+    cpu = torch.device("cpu")
+    for native, faster, expected in [
+        (False, True, "fp32"),
+        (True, False, "fp32"),
+        (True, True, "bf16"),
+    ]:
+        monkeypatch.setattr(dev, "cpu_bf16_native", lambda n=native: n)
+        monkeypatch.setattr(dev, "cpu_bf16_faster", lambda f=faster: f)
+        assert dev.resolve_precision("auto", cpu) == expected
+    assert dev.resolve_precision("bf16", cpu) == "bf16"  # an explicit choice is kept

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import danlu
-from danlu.errors import ConfigError
+from danlu.errors import ConfigError, DataError
 from danlu.evaluate.metrics import TokenMetrics
 from danlu.rundir import RunDir
 
@@ -109,6 +109,14 @@ def test_fine_tune_from_a_pretraining_run_inherits_architecture_and_tokenizer() 
     assert saved.data.tokenizer.type == "file"
     assert tuned.run.tokenizer.read_text() == pre.tokenizer.read_text()
     assert danlu.evaluate(tuned.run, "val")["accuracy"] >= 0.75  # the label word is in the text
+    preds = danlu.predict(tuned.run, ["god and the earth was", "earth the heavens god"])
+    assert list(preds.columns) == ["text", "label", "confidence", "prob_earth", "prob_god"]
+    assert preds["confidence"].between(0.5, 1).all()
+    csv = Path("new.csv")
+    csv.write_text("text\ngod the earth\n")
+    assert len(danlu.predict(tuned.run, str(csv))) == 1
+    with pytest.raises(DataError, match=r"run '.*' is a language_modeling model"):
+        danlu.predict(pre, "in the beginning")
 
 
 def test_init_from_errors_name_the_key() -> None:

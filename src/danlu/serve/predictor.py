@@ -40,6 +40,8 @@ class Predictor:
     def predict(self, inputs: Any) -> pd.DataFrame:
         """Table rows (DataFrame, dict, list of dicts, CSV/Parquet path) or images (file,
         folder, list of files, arrays) → one row per input with the prediction."""
+        if self.spec.input == "text":
+            return self.predict_text_input(inputs)
         if isinstance(inputs, pd.DataFrame):
             return self.predict_rows(inputs)
         if isinstance(inputs, dict):
@@ -63,6 +65,51 @@ class Predictor:
             f"cannot predict on {type(inputs).__name__} input",
             fix="pass table rows (DataFrame, dicts, a CSV file) or images (files, a folder)",
         )
+
+    def predict_text_input(self, inputs: Any) -> pd.DataFrame:
+        """A text, a list of texts, a DataFrame / CSV / Parquet file with the text column."""
+        column = self.cfg.data.text or "text"
+        if isinstance(inputs, (str, Path)) and is_table(Path(inputs)) and Path(inputs).is_file():
+            inputs = read_table(Path(inputs))
+        if isinstance(inputs, pd.DataFrame):
+            if column not in inputs.columns:
+                raise DataError(
+                    f"the input table has no text column '{column}' (columns: "
+                    f"{', '.join(map(str, inputs.columns))})",
+                    fix=f"name the column '{column}', as in training",
+                )
+            inputs = inputs[column].astype(str).tolist()
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if not isinstance(inputs, list) or not all(isinstance(t, str) for t in inputs):
+            raise DataError(
+                f"a text model predicts on texts, got {type(inputs).__name__}",
+                fix="pass a string, a list of strings, or a table with the text column",
+            )
+        return self.predict_texts(inputs)
+
+    def predict_texts(self, texts: list[str]) -> pd.DataFrame:
+        if self.spec.task not in ("classification", "regression"):
+            raise DataError(
+                f"run '{self.run.path}' is a {self.spec.task} model; `predict` is for "
+                "classification and regression",
+                fix=f"use `danlu generate {self.run.path} --prompt ...`",
+            )
+        from danlu.data.tokenize import TextEncoder
+
+        text = self.spec.text
+        encoder = TextEncoder.load(
+            self.run.tokenizer, max_length=text["max_length"], truncation=text["truncation"]
+        )
+        if not texts:
+            regression = self.spec.task == "regression"
+            return pd.DataFrame(columns=["text", "prediction" if regression else "label"])
+        outputs = []
+        for i in range(0, len(texts), self.batch_size):
+            ids = encoder.encode_batch(texts[i : i + self.batch_size], first_index=i).ids
+            outputs.append(self.outputs(torch.from_numpy(ids)))
+        names = [t if len(t) <= 60 else t[:57] + "..." for t in texts]
+        return self._results(torch.cat(outputs), names, "text")
 
     def predict_path(self, path: Path) -> pd.DataFrame:
         if path.is_dir():
