@@ -247,7 +247,9 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        out = self.model_dump(mode="json")
+        out["model"] = {"type": out["model"]["type"], **out["model"]}  # the family first
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)

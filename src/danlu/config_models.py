@@ -63,12 +63,16 @@ class RNNConfig(TextModel):
     pooling: Literal["last", "mean"] = "last"
 
 
-class GPTConfig(TextModel):
-    type: Literal["gpt"]
+class Transformer(TextModel):
     num_layers: int = Field(4, ge=1, le=96)
     num_heads: int = Field(4, ge=1)
     dim: int = Field(256, ge=8)
     mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.1, ge=0, lt=1)
+
+
+class GPTConfig(Transformer):
+    type: Literal["gpt"]
     dropout: float = Field(0.0, ge=0, lt=1)
     positions: Literal["learned", "rotary"] = "learned"
     norm: Literal["layer", "rms"] = "layer"
@@ -78,25 +82,16 @@ class GPTConfig(TextModel):
     pooling: Literal["last", "mean"] = Field("last", description="classification head input")
 
 
-class BERTConfig(TextModel):
+class BERTConfig(Transformer):
     type: Literal["bert"]
-    num_layers: int = Field(4, ge=1, le=96)
-    num_heads: int = Field(4, ge=1)
-    dim: int = Field(256, ge=8)
-    mlp_ratio: float = Field(4.0, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
     tie_weights: bool = True
     pooling: Literal["cls", "mean"] = "cls"
 
 
-class Seq2SeqConfig(TextModel):
+class Seq2SeqConfig(Transformer):
     type: Literal["seq2seq"]
     num_layers: int = Field(3, ge=1, le=48, description="encoder layers")
     decoder_layers: int | None = Field(None, ge=1, le=48, description="default: num_layers")
-    num_heads: int = Field(4, ge=1)
-    dim: int = Field(256, ge=8)
-    mlp_ratio: float = Field(4.0, gt=0)
-    dropout: float = Field(0.1, ge=0, lt=1)
     positions: Literal["sinusoidal", "learned"] = "sinusoidal"
     activation: Literal["gelu", "relu"] = "gelu"
 

@@ -12,18 +12,11 @@ from danlu.models.bert import BERT, mask_tokens
 from danlu.registry import MODELS
 from danlu.rundir import save_safetensors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAD, CLS, SEP, MASK, UNK = 0, 1, 2, 3, 4
 SPECIALS = {"pad": PAD, "cls": CLS, "sep": SEP, "mask": MASK, "unk": UNK}
 V = 40
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, above all when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(num_outputs=None, seed=0, **keys) -> BERT:

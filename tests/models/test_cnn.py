@@ -12,6 +12,8 @@ from danlu.errors import CheckpointError, ConfigError
 from danlu.models.cnn import CNN
 from danlu.rundir import save_safetensors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _spatial_after_blocks(model: CNN, shape: list[int]) -> tuple[int, int, int]:
     with torch.no_grad():
@@ -123,21 +125,12 @@ def test_cnn_with_softmax_on_regression_is_a_config_error():
         )
 
 
-@pytest.fixture
-def one_thread():
-    """Small convolutions run far slower with 2 intra-op threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(n: int = 48, channels: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     x, y = make_images(n, classes=3, size=8, channels=channels, seed=seed)
     return (torch.from_numpy(x).float() - 128) / 64, torch.from_numpy(y)
 
 
-def test_loss_falls_on_a_tiny_problem(one_thread):
+def test_loss_falls_on_a_tiny_problem():
     torch.manual_seed(0)
     x, y = _images()
     model = CNN([1, 8, 8], 3, channels=[4, 8], head_sizes=[16])
@@ -152,7 +145,7 @@ def test_loss_falls_on_a_tiny_problem(one_thread):
     assert losses[-1] <= 0.5 * losses[0]
 
 
-def test_safetensors_round_trip_with_batch_norm(tmp_path, one_thread):
+def test_safetensors_round_trip_with_batch_norm(tmp_path):
     torch.manual_seed(0)
     cfg = {"type": "cnn", "channels": [4, 6], "convs_per_block": 2, "head_sizes": [8]}
     model = models.build(cfg, input_shape=[3, 8, 8], task="classification", num_classes=3)

@@ -14,20 +14,13 @@ from danlu.models.sampling import left_pad
 from danlu.registry import MODELS
 from danlu.rundir import save_safetensors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V, CTX = 40, 32
 VARIANTS = [
     {"positions": "learned"},
     {"positions": "rotary", "norm": "rms", "mlp": "swiglu", "bias": False},
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run slower with 2 intra-op threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny(**kwargs) -> GPT:

@@ -12,16 +12,9 @@ from danlu.models.rnn import RNN, build_rnn
 from danlu.registry import MODELS
 from danlu.rundir import save_safetensors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 V, PAD, EOS = 40, 0, 1
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny recurrent steps run slower with 2 intra-op threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _lm(cell: str = "lstm", **kwargs) -> RNN:

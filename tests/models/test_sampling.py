@@ -18,14 +18,7 @@ from danlu.serve.generate import (
     partial_stop,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run slower with 2 intra-op threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits_(b: int = 4, v: int = 20, seed: int = 0) -> torch.Tensor:

@@ -14,17 +14,10 @@ from danlu.models.seq2seq import Seq2Seq
 from danlu.registry import MODELS
 from danlu.rundir import save_safetensors
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PAD, BOS, EOS = 0, 1, 2
 V = 19  # 3 specials + 16 ordinary tokens
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread, above all when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
