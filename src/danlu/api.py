@@ -314,6 +314,7 @@ def _with_init_from(cfg: Config) -> Config:
             **(raw["data"]["tokenizer"] or {}),
             "type": "file",
             "path": str(init.tokenizer),
+            "lowercase": False,  # the saved tokenizer already normalizes as in pretraining
         }
     context = raw["model"].get("context")
     if context and raw["data"]["tokenizer"] and "max_length" not in given_tok:

@@ -75,14 +75,17 @@ def generate(
         raise DanluError(
             "no prompt given", fix='pass --prompt "In the beginning" (or --prompts-file FILE)'
         )
+    seq2seq = _is_seq2seq(run)
     single = len(prompts) == 1 and stream
+    streamed: list[str] = []
 
     def show(row: int, piece: str) -> None:
+        streamed.append(piece)
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if single:
-        sys.stdout.write(prompts[0] if num_beams == 1 and not _is_seq2seq(run) else "")
+    if single and not seq2seq:
+        sys.stdout.write(prompts[0])  # the continuation follows it as it is generated
     texts = api.generate(
         run,
         prompts,
@@ -97,10 +100,15 @@ def generate(
         stream=show if single else None,
     )
     if single:
+        if not streamed:  # beam search decides at the end: nothing was streamed
+            sys.stdout.write(texts[0])
         sys.stdout.write("\n")
         return
     for i, (p, t) in enumerate(zip(prompts, texts, strict=True)):
-        out.print(f"[bold]#{i + 1}[/] {escape(p)}[cyan]{escape(t)}[/]", highlight=False)
+        joined = (
+            f"{escape(p)} → [cyan]{escape(t)}[/]" if seq2seq else f"{escape(p)}[cyan]{escape(t)}[/]"
+        )
+        out.print(f"[bold]#{i + 1}[/] {joined}", highlight=False, soft_wrap=True)
 
 
 def _is_seq2seq(run: Path) -> bool:

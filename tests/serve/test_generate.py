@@ -137,3 +137,32 @@ def test_a_classification_run_cannot_generate(tmp_path: Path) -> None:
     run = danlu.train(cfg, show_progress=False).run
     with pytest.raises(ConfigError, match=r"danlu predict"):
         danlu.generate(run, ["ab"])
+
+
+def test_a_seq2seq_run_translates_with_beams_from_the_cli(tmp_path: Path) -> None:
+    cfg = {
+        "name": "copy",
+        "runs_dir": str(tmp_path / "runs"),
+        "data": {
+            "dataset": "copy-task",
+            "tokenizer": {"type": "wordpiece", "vocab_size": 120, "max_length": 16},
+            "max_samples": 3000,
+            "max_eval_samples": 50,
+        },
+        "model": {"type": "seq2seq", "num_layers": 2, "num_heads": 4, "dim": 64, "dropout": 0},
+        "train": {
+            **TRAIN,
+            "max_steps": 300,
+            "batch_size": 32,
+            "optimizer": {"lr": 3.0e-3},
+            "schedule": {"name": "cosine", "warmup_steps": 30},
+            "label_smoothing": 0.1,
+            "eval_every": 300,
+        },
+    }
+    run = danlu.pretrain(cfg, show_progress=False).run
+    sentence = "the big dog saw a red bird"
+    assert danlu.generate(run, [sentence], num_beams=3, max_new_tokens=16) == [sentence]
+    r = CliRunner().invoke(app, ["generate", str(run), "-p", sentence, "--num-beams", "3"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == sentence

@@ -83,7 +83,13 @@ def test_causal_lm_pretraining_writes_a_reusable_run(family: str) -> None:
 
 def test_masked_lm_pretraining_and_its_metrics() -> None:
     cfg = lm_config("bert")
-    cfg["data"]["tokenizer"] = {"type": "wordpiece", "vocab_size": 40, "min_frequency": 1}
+    # lowercase: the saved tokenizer must not be lowercased twice when the run is evaluated
+    cfg["data"]["tokenizer"] = {
+        "type": "wordpiece",
+        "vocab_size": 40,
+        "min_frequency": 1,
+        "lowercase": True,
+    }
     result = danlu.pretrain(cfg, show_progress=False)
     assert result.config.train.objective == "auto"
     first = danlu.evaluate(result.run, "val")

@@ -49,6 +49,7 @@ def build_data(cfg: Any, run: RunDir | None = None) -> data.DataBundle:
             **(kwargs["tokenizer"] or {}),
             "type": "file",
             "path": str(run.tokenizer),
+            "lowercase": False,  # the saved tokenizer already normalizes as in training
         }
     return data.build(**kwargs, seed=cfg.seed)
 

@@ -259,6 +259,9 @@ def translate(
     device = next(model.parameters()).device
     if num_beams > 1:  # deterministic: temperature does not apply (top_k etc. are refused)
         sample = {**sample, "temperature": 0.0, "generator": None}
+    if max_new_tokens > model.context:  # a target never exceeds the trained length
+        log.info("max_new_tokens %d → %d (model.context)", max_new_tokens, model.context)
+        max_new_tokens = model.context
     out = model.generate(
         torch.from_numpy(enc.ids).to(device),
         max_new_tokens=max_new_tokens,
