@@ -112,9 +112,9 @@ def generate(
 
 
 def _is_seq2seq(run: Path) -> bool:
-    import yaml
+    from danlu.rundir import RunDir
 
     try:
-        return yaml.safe_load((run / "config.yaml").read_text())["model"]["type"] == "seq2seq"
-    except Exception:  # api.generate reports a broken run properly
+        return RunDir.open(run).load_config().model.type == "seq2seq"
+    except DanluError:  # api.generate reports a broken run properly
         return False

@@ -146,9 +146,6 @@ class TokenObjective:
         return TokenMetrics()
 
 
-PRETRAINING = ("causal_lm", "masked_lm", "seq2seq")
-
-
 def build_objective(train: dict[str, Any], spec: Any, family: str, kind: str, bundle: Any):
     """The objective for a training config (`train` section as a dict) and a data spec."""
     name = objective_name(train["objective"], spec.task, family)
