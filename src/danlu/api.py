@@ -36,6 +36,7 @@ from danlu.config import Config
 from danlu.errors import ConfigError, DataError
 from danlu.evaluate.metrics import metric_names
 from danlu.evaluate.run import build_data, evaluate_run
+from danlu.models import finetune
 from danlu.rundir import RunDir, atomic_write_text, now, start_lineage, update_lineage
 from danlu.serve.predictor import Predictor
 from danlu.train import loop
@@ -94,6 +95,8 @@ def train(
         run = None  # created once data and model are known to work: no stray folders
         if cfg.model.model_dump().get("init_from"):
             cfg = _with_init_from(cfg)
+        if cfg.model.type == "hf":
+            cfg = _with_pretrained(cfg)
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -123,7 +126,9 @@ def train(
     t = cfg.train
     if resume is None and model_cfg.get("init_from"):
         _start_from(model, model_cfg["init_from"], bundle)
-    objective = build_objective(t.model_dump(), spec, model_cfg["type"], kind, bundle)
+    family = models.family(model, model_cfg["type"])
+    model = models.adapt(model, model_cfg)
+    objective = build_objective(t.model_dump(), spec, family, kind, bundle)
     if pretraining and not isinstance(objective, TokenObjective):
         raise ConfigError(
             f"danlu pretrain needs a language-modelling or seq2seq config; this one trains a "
@@ -140,6 +145,14 @@ def train(
     run.write("preprocess.json", spec.to_dict())
     if bundle.encoder is not None and not run.tokenizer.is_file():
         bundle.encoder.save(run.tokenizer)
+    if model_cfg["type"] == "hf" and not run.hf_config.is_dir():
+        models.hf.save_config(model, run.hf_config)
+    trainable, total = finetune.trainable_summary(model)
+    if trainable < total:
+        log.info(
+            "training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
+            100 * trainable / total,
+        )  # fmt: skip
     from danlu.device import resolve_device
 
     device = str(resolve_device(t.device))
@@ -160,7 +173,8 @@ def train(
             cfg,
             data_hash=bundle.content_hash,
             extra={
-                "parameters": models.count_parameters(model),
+                "parameters": total,
+                "trainable_parameters": trainable,
                 "data_sizes": bundle.card["sizes"],
             },
         )
@@ -322,6 +336,25 @@ def _with_init_from(cfg: Config) -> Config:
         # explicitly, gets the model's own error naming model.context)
         limit = raw["data"]["tokenizer"].get("max_length") or context
         raw["data"]["tokenizer"]["max_length"] = min(limit, context)
+    return config_mod.validate(raw)
+
+
+def _with_pretrained(cfg: Config) -> Config:
+    """A config on a Hugging Face checkpoint: unless data.tokenizer.type is given, texts are
+    encoded with the checkpoint's own tokenizer, cut to the positions the model has."""
+    raw = cfg.to_dict()
+    tok = cfg.data.tokenizer
+    given_tok = tok.model_fields_set if tok is not None else set()
+    if "type" not in given_tok:
+        raw["data"]["tokenizer"] = {
+            **(raw["data"]["tokenizer"] or {}),
+            "type": "pretrained",
+            "path": models.hf.check_checkpoint(cfg.model.pretrained),
+            "lowercase": False,  # the checkpoint's tokenizer normalizes as in pretraining
+        }
+    context = cfg.model.context
+    if context and "max_length" not in given_tok:
+        raw["data"]["tokenizer"]["max_length"] = context
     return config_mod.validate(raw)
 
 

@@ -423,7 +423,7 @@ def quickstart(
     )
 
 
-from danlu import cli_text  # noqa: E402, F401  (registers pretrain and generate)
+from danlu import cli_finetune, cli_text  # noqa: E402, F401  (register their commands)
 
 
 def main() -> None:

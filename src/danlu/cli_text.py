@@ -115,6 +115,6 @@ def _is_seq2seq(run: Path) -> bool:
     from danlu.rundir import RunDir
 
     try:
-        return RunDir.open(run).load_config().model.type == "seq2seq"
+        return RunDir.open(run).read("preprocess.json").get("task") == "seq2seq"
     except DanluError:  # api.generate reports a broken run properly
         return False

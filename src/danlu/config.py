@@ -22,7 +22,10 @@ from danlu.config_errors import describe
 from danlu.config_models import (  # noqa: F401  (the whole schema is importable from here)
     BERTConfig,
     CNNConfig,
+    FreezeConfig,
     GPTConfig,
+    HFConfig,
+    LoRAConfig,
     MLPConfig,
     ModelConfig,
     RNNConfig,
@@ -158,6 +161,10 @@ class OptimizerConfig(Section):
     nesterov: bool = Field(False, description="sgd only, needs momentum > 0")
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0)
+    layer_decay: float = Field(
+        1.0, gt=0, le=1, description="layer-wise lr decay: layer i of L gets lr × decay^(L−i)"
+    )
+    head_lr: float | None = Field(None, gt=0, description="learning rate of the task head")
 
     @model_validator(mode="after")
     def _sgd_options(self) -> OptimizerConfig:

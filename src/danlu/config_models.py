@@ -45,10 +45,37 @@ class CNNConfig(Section):
     output: Output = Field("auto", description=_OUTPUT)
 
 
+class FreezeConfig(Section):
+    """Parameters that keep their pretrained values (the rest train)."""
+
+    embeddings: bool = Field(False, description="token/position embeddings (and their norm)")
+    layers: int = Field(0, ge=0, description="the first N layers (blocks) of the body")
+    backbone: bool = Field(False, description="everything but the task head")
+
+
+class LoRAConfig(Section):
+    """Low-rank adapters (PEFT) on the linear layers whose names match `target`; the base
+    weights are frozen, the adapters and the new task head train."""
+
+    rank: int = Field(8, ge=1, le=1024)
+    alpha: float = Field(16.0, gt=0, description="scale = alpha / rank")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target: list[str] | None = Field(
+        None,
+        description="regular expressions matched against full module names (re.search); "
+        "default: the attention and MLP projections of the architecture",
+    )
+    quantize: Literal["none", "int8"] = Field(
+        "none", description="int8: the frozen base weights are int8 (torchao weight-only)"
+    )
+
+
 class TextModel(Section):
     init_from: str | None = Field(None, description=_INIT)
     context: int | None = Field(None, ge=2, description=_CONTEXT)
     output: Output = Field("auto", description=_OUTPUT)
+    freeze: FreezeConfig | None = None
+    lora: LoRAConfig | None = None
 
 
 class RNNConfig(TextModel):
@@ -96,8 +123,26 @@ class Seq2SeqConfig(Transformer):
     activation: Literal["gelu", "relu"] = "gelu"
 
 
+class HFConfig(Section):
+    """A pretrained Hugging Face checkpoint loaded through the transformers Auto classes, with
+    the head the task needs (sequence classification/regression, causal LM or seq2seq LM)."""
+
+    type: Literal["hf"]
+    pretrained: str = Field(description="checkpoint folder, or a hub name (online only)")
+    output: Output = Field("auto", description=_OUTPUT)
+    context: int | None = Field(
+        None, ge=2, description="longest input (default: the checkpoint's positions)"
+    )
+    dropout: float | None = Field(
+        None, ge=0, lt=1, description="classifier dropout (default: the checkpoint's)"
+    )
+    freeze: FreezeConfig | None = None
+    lora: LoRAConfig | None = None
+    trust_remote_code: bool = Field(False, description="run code shipped with the checkpoint")
+
+
 ModelConfig = Annotated[
-    Union[MLPConfig, CNNConfig, RNNConfig, GPTConfig, BERTConfig, Seq2SeqConfig],  # noqa: UP007
+    Union[MLPConfig, CNNConfig, RNNConfig, GPTConfig, BERTConfig, Seq2SeqConfig, HFConfig],  # noqa: UP007
     Field(discriminator="type"),
 ]
-TEXT_MODELS = ("rnn", "gpt", "bert", "seq2seq")
+TEXT_MODELS = ("rnn", "gpt", "bert", "seq2seq", "hf")

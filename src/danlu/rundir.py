@@ -6,6 +6,7 @@
       data_card.json     schema, sizes, splits, class balance, quality findings
       preprocess.json    what turns raw inputs into model inputs (columns, statistics, classes)
       tokenizer.json     text runs: the tokenizer (Hugging Face tokenizers format)
+      hf/                model.type hf: the checkpoint's config.json (the architecture)
       model.safetensors  the weights to use (best by the monitored metric)
       checkpoints/       step-N/ (model, optimizer, scheduler, RNG, data position), atomic
       history.jsonl      one JSON line per logged step
@@ -120,6 +121,7 @@ class RunDir:
     preprocess = property(lambda self: self.path / "preprocess.json")
     tokenizer = property(lambda self: self.path / "tokenizer.json")
     weights = property(lambda self: self.path / "model.safetensors")
+    hf_config = property(lambda self: self.path / "hf")
     checkpoints = property(lambda self: self.path / "checkpoints")
     history = property(lambda self: self.path / "history.jsonl")
     metrics = property(lambda self: self.path / "metrics.json")

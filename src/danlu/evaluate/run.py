@@ -29,13 +29,17 @@ def load_model(run: RunDir) -> tuple[torch.nn.Module, Any, DataSpec, str]:
     spec = DataSpec.from_dict(run.read("preprocess.json"))
     model_cfg = cfg.model.model_dump()
     kind = models.output_kind(spec.task, model_cfg["output"])
+    if model_cfg["type"] == "hf":  # the architecture saved in the run; its weights follow
+        model_cfg["pretrained"] = str(run.hf_config)
     model = models.build(
         model_cfg,
         input_shape=spec.input_shape,
         task=spec.task,
         num_classes=spec.num_classes,
         text=spec.text,
+        weights=False,
     )
+    model = models.adapt(model, model_cfg)
     models.load_weights(model, run.require_weights())
     return model.eval(), cfg, spec, kind
 
@@ -83,7 +87,7 @@ def evaluate_run(
     )
     acc = accumulator(spec.task, spec.class_names, kind)
     loader = bundle.loader(split, size, device=str(dev))
-    objective = objective_name(cfg.train.objective, spec.task, cfg.model.type)
+    objective = objective_name(cfg.train.objective, spec.task, models.family(model, cfg.model.type))
     for batch in loader.epoch(0):
         if objective == "supervised":
             acc.update(model(batch.x), batch.y)

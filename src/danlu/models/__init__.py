@@ -18,7 +18,7 @@ from torch import nn
 
 from danlu.config_models import TEXT_MODELS
 from danlu.errors import CheckpointError, ConfigError
-from danlu.models import bert, cnn, gpt, mlp, rnn, seq2seq  # noqa: F401  (register the families)
+from danlu.models import bert, cnn, gpt, hf, mlp, rnn, seq2seq  # noqa: F401  (register the families)
 from danlu.registry import MODELS
 
 TOKEN_TASKS = ("language_modeling", "seq2seq")
@@ -55,12 +55,17 @@ def build(
     task: str,
     num_classes: int | None,
     text: dict[str, Any] | None = None,
+    weights: bool = True,
 ) -> nn.Module:
     """`text` (the data spec's text section: vocab_size, pad_id, special_ids) is required by
-    the sequence families; language modelling and seq2seq get a vocabulary head."""
+    the sequence families; language modelling and seq2seq get a vocabulary head. The model is
+    bare: fine-tuning strategies (model.freeze, model.lora) are applied by `adapt`. `weights`
+    (hf only): load the checkpoint's weights, or only its architecture (a run's weights
+    follow)."""
     kwargs = dict(model_cfg)
     family = kwargs.pop("type")
-    kwargs.pop("init_from", None)
+    for key in ("init_from", "freeze", "lora"):
+        kwargs.pop(key, None)
     kind = output_kind(task, kwargs.pop("output", "auto"))
     if family not in TEXT_MODELS:
         if task in TOKEN_TASKS:
@@ -78,6 +83,15 @@ def build(
             f"model.type: {family} reads token ids, but the data is not text",
             fix="use mlp or cnn for tables and images, or text data (data.text / a corpus)",
         )
+    if family == "hf":
+        return hf.HFModel(
+            task=task,
+            num_outputs=None if task in TOKEN_TASKS else num_outputs(task, num_classes, kind),
+            vocab_size=text["vocab_size"],
+            pad_id=text["pad_id"],
+            weights=weights,
+            **kwargs,
+        )
     if (family == "seq2seq") != (task == "seq2seq"):
         raise ConfigError(
             f"model.type: {family} does not fit data.task: {task}",
@@ -92,6 +106,25 @@ def build(
         special_ids=text["special_ids"],
         **kwargs,
     )
+
+
+def family(model: nn.Module, configured: str) -> str:
+    """The native family an `hf` model behaves like for objectives and generation: bert (a
+    masked LM), gpt (a causal LM), seq2seq; other families are themselves."""
+    if configured != "hf":
+        return configured
+    kind = hf.unwrap(model).kind
+    return {"masked_lm": "bert", "language_modeling": "gpt", "seq2seq": "seq2seq"}.get(kind, "hf")
+
+
+def adapt(model: nn.Module, model_cfg: dict[str, Any]) -> nn.Module:
+    """Apply `model.freeze` and `model.lora` (in that order) to a built model."""
+    from danlu.models import finetune
+
+    finetune.freeze(model, model_cfg.get("freeze"))
+    if model_cfg.get("lora"):
+        model = finetune.add_lora(model, model_cfg["lora"])
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from danlu import models
 from danlu.data.tokenize import TextEncoder
 from danlu.device import resolve_device
 from danlu.errors import ConfigError
@@ -127,9 +128,13 @@ def generate(
     check_options(temperature, top_k, top_p, repetition_penalty)
     run = run if isinstance(run, RunDir) else RunDir.open(run)
     model, cfg, spec, _ = load_model(run)
-    family, task = cfg.model.type, spec.task
-    seq2seq = family == "seq2seq"
-    causal = task == "language_modeling" and callable(getattr(model, "generate", None))
+    family, task = models.family(model, cfg.model.type), spec.task
+    seq2seq = task == "seq2seq"
+    causal = (
+        task == "language_modeling"
+        and family != "bert"
+        and callable(getattr(model, "generate", None))
+    )
     if not seq2seq and not causal:
         message, fix = _cannot_generate(run, family, task)
         raise ConfigError(message, fix=fix)

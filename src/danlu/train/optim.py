@@ -12,6 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from danlu.errors import ConfigError
+
 
 def build_optimizer(
     model: nn.Module,
@@ -23,16 +25,22 @@ def build_optimizer(
     nesterov: bool = False,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    layer_decay: float = 1.0,
+    head_lr: float | None = None,
 ) -> torch.optim.Optimizer:
-    """Weight decay applies to weight matrices and kernels only, not to biases or norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": rest, "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    """Weight decay applies to weight matrices and kernels only, not to biases or norms;
+    frozen parameters are left out; layer_decay and head_lr set per-layer rates
+    (models.finetune.param_groups)."""
+    from danlu.models.finetune import param_groups
+
+    groups = param_groups(
+        model, lr=lr, weight_decay=weight_decay, layer_decay=layer_decay, head_lr=head_lr
+    )
+    if not groups:
+        raise ConfigError(
+            "every parameter of the model is frozen: there is nothing to train",
+            fix="freeze less (model.freeze), or add LoRA adapters (model.lora)",
+        )
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
     cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
