@@ -145,6 +145,10 @@ def train(
     run.write("preprocess.json", spec.to_dict())
     if bundle.encoder is not None and not run.tokenizer.is_file():
         bundle.encoder.save(run.tokenizer)
+    if bundle.chat_tokenizer is not None:
+        from danlu.data.chat import save_chat_template
+
+        save_chat_template(bundle.chat_tokenizer, run.path)
     if model_cfg["type"] == "hf" and not run.hf_config.is_dir():
         models.hf.save_config(model, run.hf_config)
     trainable, total = finetune.trainable_summary(model)
@@ -164,6 +168,7 @@ def train(
         train=True,
         device=device,
         weights=sample_weights(train_y, spec.num_classes) if t.sampler == "weighted" else None,
+        group_by_length=t.group_by_length,
     )
     val_loader = bundle.loader("val", t.eval_batch_size or 2 * t.batch_size, device=device)
 

@@ -113,8 +113,8 @@ class SufficiencyConfig(Section):
 
 class DataConfig(Section):
     dataset: str = Field(description="built-in name | file | folder")
-    task: Literal["classification", "regression", "language_modeling", "seq2seq"] | None = Field(
-        None, description="default: the built-in dataset's task, else classification"
+    task: Literal["classification", "regression", "language_modeling", "seq2seq", "chat"] | None = (
+        Field(None, description="default: the built-in dataset's task, else classification")
     )
     label: str | None = Field(None, description="label column of a table")
     text: str | None = Field(None, description="text column (the source side for seq2seq)")
@@ -206,6 +206,9 @@ class TrainConfig(Section):
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["none", "auto"] | list[float] = "none"
     sampler: Literal["shuffle", "weighted", "sequential"] = "shuffle"
+    group_by_length: bool = Field(
+        True, description="text with shuffle: batches of similar lengths (less padding)"
+    )
     l1: float = Field(0.0, ge=0, description="L1 penalty on weights")
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")

@@ -130,7 +130,9 @@ def _write(
             shutil.copy2(src.path / name, tmp / name)
     if src.hf_config.is_dir():
         shutil.copytree(src.hf_config, tmp / "hf")
-    save_safetensors(tmp / "model.safetensors", model.state_dict(), {"merged_from": str(src.path)})
+    save_safetensors(
+        tmp / "model.safetensors", models.state_for_saving(model), {"merged_from": str(src.path)}
+    )
     lineage = src.read("lineage.json") if src.lineage.is_file() else {}
     lineage |= {
         "merged": {

@@ -157,6 +157,20 @@ def build(
 ) -> DataBundle:
     split = {"val": 0.1, "test": "auto", "stratify": True, "seed": None, **(split or {})}
     image = image or {}
+    if task == "chat":
+        from danlu.data.prepare_chat import build_chat
+
+        return build_chat(
+            dataset,
+            tokenizer=tokenizer,
+            block_size=block_size,
+            pack=pack,
+            split=split,
+            seed=split["seed"] if split["seed"] is not None else seed,
+            max_samples=max_samples,
+            max_eval_samples=max_eval_samples,
+            cache_dir=cache_dir,
+        )
     raw = resolve(
         dataset,
         image=image,

@@ -46,6 +46,11 @@ class BatchLoader:
 
     order: "shuffle" (a fresh permutation per epoch), "weighted" (sampling with replacement by
     `weights`, for class imbalance) or "sequential".
+
+    Padded token ids (`pad_id` given): each batch is cut to its longest row, so a batch of
+    short texts costs what short texts cost. `group_by_length` (with "shuffle") draws batches
+    of similar lengths: the permutation is cut into chunks of 64 batches, each sorted by
+    length, and the batches are shuffled (the longest one first, so memory peaks at once).
     """
 
     def __init__(
@@ -60,12 +65,21 @@ class BatchLoader:
         augment: bool = False,
         device: torch.device | str = "cpu",
         drop_last: bool | str = False,
+        pad_id: int | None = None,
+        group_by_length: bool = False,
+        aligned: bool = False,
     ) -> None:
         if order == "weighted" and weights is None:
             raise ValueError("order='weighted' needs per-example weights")
         self.split, self.batch_size, self.order, self.seed = split, batch_size, order, seed
         self.weights, self.transform, self.augment = weights, transform, augment
         self.device = torch.device(device)
+        self.pad_id, self.aligned = pad_id, aligned
+        self.lengths: torch.Tensor | None = None  # (N,) real tokens per row
+        if pad_id is not None and split.x.dim() == 2 and not split.x.is_floating_point():
+            real = split.x != pad_id  # (N, L)
+            self.lengths = torch.where(real, torch.arange(real.shape[1]) + 1, 0).amax(1)
+        self.group_by_length = group_by_length and order == "shuffle" and self.lengths is not None
         # a last batch of one example breaks BatchNorm in training: drop_last="single" skips it
         n = len(split)
         self.drop_last = (drop_last is True and n >= batch_size) or (
@@ -83,7 +97,21 @@ class BatchLoader:
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         if self.order == "weighted":
             return torch.multinomial(self.weights, n, replacement=True, generator=g)
-        return torch.randperm(n, generator=g)
+        perm = torch.randperm(n, generator=g)
+        if not self.group_by_length or self.lengths is None:
+            return perm
+        size = self.batch_size
+        chunks = [perm[i : i + 64 * size] for i in range(0, n, 64 * size)]
+        ordered = torch.cat(
+            [c[self.lengths[c].argsort(descending=True, stable=True)] for c in chunks]
+        )
+        batches = list(ordered.split(size))
+        full = batches[:-1] if len(batches[-1]) < size else batches  # a short last batch stays last
+        longest = max(range(len(full)), key=lambda i: int(self.lengths[full[i]].max()), default=0)
+        rest = [b for i, b in enumerate(full) if i != longest]
+        shuffled = [rest[i] for i in torch.randperm(len(rest), generator=g).tolist()]
+        tail = batches[len(full) :]
+        return torch.cat([*full[longest : longest + 1], *shuffled, *tail])
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, beginning at batch `start`."""
@@ -100,4 +128,15 @@ class BatchLoader:
             if self.augment:
                 g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + b)
             x = self.transform(x, g)
+        if self.pad_id is not None:
+            x = self._trim(x)
+            y = y[:, : x.shape[1]] if self.aligned else self._trim(y)
         return Batch(x, y, rows)
+
+    def _trim(self, t: torch.Tensor) -> torch.Tensor:
+        """Drop the padding columns every row of a right-padded id batch has."""
+        if t.dim() != 2 or t.is_floating_point() or t.shape[1] <= 1:
+            return t
+        real = (t != self.pad_id).any(0)  # (L,)
+        width = int(real.nonzero().max()) + 1 if bool(real.any()) else 1
+        return t if width == t.shape[1] else t[:, :width]

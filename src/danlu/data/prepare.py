@@ -42,6 +42,8 @@ class DataBundle:
     # before any policy (missing cells, columns, texts, file names) through Split.index
     raw: Any = None
     encoder: Any = None  # text: the fitted TextEncoder, saved in the run as tokenizer.json
+    conversations: dict[str, list] | None = None  # chat: the conversations of each split
+    chat_tokenizer: Any = None  # chat: the transformers tokenizer with its chat template
 
     def loader(
         self,
@@ -53,6 +55,7 @@ class DataBundle:
         weights: torch.Tensor | None = None,
         train: bool = False,
         device: str = "cpu",
+        group_by_length: bool = False,
     ) -> BatchLoader:
         if isinstance(self.splits[split], TokenSplit):  # a language-model corpus
             text = self.spec.text
@@ -77,6 +80,9 @@ class DataBundle:
             augment=train and transform is not None and transform.augments,
             device=device,
             drop_last="single" if train else False,
+            pad_id=self.spec.text["pad_id"] if self.spec.input == "text" else None,
+            group_by_length=group_by_length,
+            aligned=self.spec.task == "chat",  # labels per token: cut with the ids
         )
 
 

@@ -186,7 +186,7 @@ class TokenMetrics:
         }
 
 
-TOKEN_TASKS = ("language_modeling", "seq2seq")
+TOKEN_TASKS = ("language_modeling", "seq2seq", "chat")
 
 
 def accumulator(task: str, class_names: list[str] | None, kind: str):

@@ -105,6 +105,19 @@ def evaluate_run(
     results = acc.compute()
     if spec.task == "seq2seq":
         results.update(_generated(model, bundle, split, size, cfg, spec, str(dev)))
+    if spec.task == "chat" and bundle.conversations and bundle.conversations.get(split):
+        from danlu.evaluate.chat import answer_scores
+
+        convs = bundle.conversations[split][: cfg.evaluate.generate_samples or None]
+        results.update(
+            answer_scores(
+                model,
+                bundle.chat_tokenizer,
+                convs,
+                max_new_tokens=cfg.evaluate.max_new_tokens or 128,
+                pad_id=spec.text["pad_id"],
+            )
+        )
     if cfg.evaluate.metrics:
         wanted = set(cfg.evaluate.metrics) | {"count"}
         results = {k: v for k, v in results.items() if k in wanted}

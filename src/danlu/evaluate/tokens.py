@@ -23,6 +23,8 @@ def objective_name(setting: str, task: str, family: str) -> str:
         return setting
     if task == "language_modeling":
         return "masked_lm" if family == "bert" else "causal_lm"
+    if task == "chat":
+        return "causal_lm"
     return "seq2seq" if task == "seq2seq" else "supervised"
 
 

