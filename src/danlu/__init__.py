@@ -10,11 +10,17 @@ Heavy modules (torch, pandas) load on first use, so `import danlu` and `danlu --
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from typing import Any
 
 __version__ = "0.1.0"
+
+# transformers imports torchao when it is installed; torchao then warns about CUDA kernels a
+# CPU build cannot load, and torch about an API torchao still uses: noise, not news
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 __all__ = ["data_check", "evaluate", "generate", "load_config", "predict", "pretrain", "train"]
 
 

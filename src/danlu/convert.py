@@ -41,6 +41,26 @@ def find_smollm2_gguf() -> Path | None:
     return files[0] if files else None
 
 
+def converted(file: str | Path) -> Path:
+    """The checkpoint folder of a GGUF file, converted once into the cache
+    ($DANLU_CACHE or ~/.cache/danlu)/checkpoints/<name>-<key>, keyed by the file's path, size
+    and modification time; later calls return the folder at once."""
+    import hashlib
+
+    src = Path(file).expanduser().resolve()
+    check_gguf(src)
+    stat = src.stat()
+    key = hashlib.sha256(f"{src}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    root = Path(os.environ.get("DANLU_CACHE") or Path.home() / ".cache" / "danlu")
+    out = root / "checkpoints" / f"{src.stem}-{key}"
+    if (out / "config.json").is_file() and (out / INFO_FILE).is_file():
+        return out
+    import logging
+
+    logging.getLogger("danlu").info("converting %s into %s (once)", src.name, out)
+    return convert_gguf(src, out, overwrite=True)
+
+
 def convert_gguf(
     file: str | Path, out_dir: str | Path, *, dtype: str = "float32", overwrite: bool = False
 ) -> Path:

@@ -106,6 +106,9 @@ def test_chat_tuning_learns_assistant_turns_and_scores_answers(tiny_llama: Path,
     assert card["rows"]["train"] < 36  # packed: several conversations per row
     metrics = danlu.evaluate(run)
     assert metrics["generated"] == 12 and 0 <= metrics["exact_match"] <= 1
+    [answer] = danlu.generate(run, "what is the topic of this text answer with one word goal",
+                              max_new_tokens=3, temperature=0.0)  # fmt: skip
+    assert isinstance(answer, str) and "<|im_start|>" not in answer
     assert 0 <= metrics["rouge_l"] <= 1 and metrics["examples"][0]["reference"] in (
         "sport", "money", "food",
     )  # fmt: skip

@@ -162,3 +162,21 @@ def test_native_gpt_layout_freeze_and_lora(tmp_path: Path):
         "base_model.model.head.out.weight", "base_model.model.head.out.bias",
     }  # fmt: skip
     assert wrapped(torch.randint(1, 40, (2, 8))).shape == (2, 2)
+
+
+def test_lora_over_an_int8_base_trains_saves_only_what_it_trained(tiny_bert: Path, tmp_path: Path):
+    pytest.importorskip("torchao")
+    lora = {"rank": 4, "target": ["query", "value"], "quantize": "int8"}
+    run = trained(classify(tiny_bert, topics_csv(tmp_path / "t.csv"), lora=lora), tmp_path)
+    saved = load_file(str(run.weights))
+    assert not any(k.endswith("query.base_layer.weight") for k in saved)  # rebuilt from int8
+    assert any(k.endswith("query.lora_A.default.weight") for k in saved)
+    assert "base_model.model.net.bert.encoder.layer.0.output.dense.weight" in saved  # not int8
+    import json
+
+    evals = [json.loads(line) for line in run.history.read_text().splitlines()]
+    recorded = min(e["val_loss"] for e in evals if "val_loss" in e)  # the best = saved weights
+    # the reloaded run (int8 base rebuilt from the checkpoint + saved adapters) scores the same
+    assert danlu.evaluate(run, "val")["log_loss"] == pytest.approx(recorded, abs=1e-5)
+    with pytest.raises(ConfigError, match="adapts an int8 base"):
+        merge(run)

@@ -29,7 +29,9 @@ def load_model(run: RunDir) -> tuple[torch.nn.Module, Any, DataSpec, str]:
     spec = DataSpec.from_dict(run.read("preprocess.json"))
     model_cfg = cfg.model.model_dump()
     kind = models.output_kind(spec.task, model_cfg["output"])
-    if model_cfg["type"] == "hf":  # the architecture saved in the run; its weights follow
+    # LoRA over an int8 base keeps only what it trained: the base comes from the checkpoint
+    quantized = (model_cfg.get("lora") or {}).get("quantize", "none") != "none"
+    if model_cfg["type"] == "hf" and not quantized:  # the architecture saved in the run
         model_cfg["pretrained"] = str(run.hf_config)
     model = models.build(
         model_cfg,
@@ -37,8 +39,10 @@ def load_model(run: RunDir) -> tuple[torch.nn.Module, Any, DataSpec, str]:
         task=spec.task,
         num_classes=spec.num_classes,
         text=spec.text,
-        weights=False,
+        weights=quantized,
     )
+    if quantized and model_cfg.get("init_from"):
+        models.load_backbone(model, RunDir.open(model_cfg["init_from"]).weights, "the base run")
     model = models.adapt(model, model_cfg)
     models.load_weights(model, run.require_weights())
     return model.eval(), cfg, spec, kind

@@ -135,10 +135,14 @@ def count_parameters(model: nn.Module) -> int:
 def state_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full state (parameters and buffers such as BatchNorm statistics), each tensor once:
     a weight tied to another (a language-model head sharing the embedding table) is stored
-    under its first name only, and restored through the tie (see `restore`)."""
+    under its first name only, and restored through the tie (see `restore`). Quantized base
+    weights (LoRA over an int8 base) are not saved: they are rebuilt from the pretrained
+    checkpoint, exactly, by quantizing it again."""
     seen: set[tuple[int, int]] = set()
     out = {}
     for k, v in model.state_dict().items():
+        if type(v) not in (torch.Tensor, nn.Parameter):  # a torchao quantized tensor
+            continue
         key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
         if key in seen:
             continue

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -186,7 +187,9 @@ def add_lora(model: nn.Module, options: dict[str, Any]) -> nn.Module:
         lora_dropout=options["dropout"],
         target_modules=targets,
     )
-    wrapped = get_peft_model(model, config)
+    with warnings.catch_warnings():  # PEFT: merging a torchao base is not possible (we refuse)
+        warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
+        wrapped = get_peft_model(model, config)
     head = set(layout.head)
     for name, p in model.named_parameters():
         if name in head:

@@ -13,6 +13,7 @@ is danlu's own, exactly as for the native families. A run saves the checkpoint's
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +74,10 @@ def check_checkpoint(name: str, *, weights: bool = True) -> str:
     online). Returns the string transformers should load."""
     name = resolve(name)
     p = Path(name).expanduser()
+    if p.suffix.lower() == ".gguf":  # converted once into the cache, then loaded from there
+        from danlu.convert import converted
+
+        return str(converted(p))
     if not is_local(name):
         if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
             raise ConfigError(
@@ -279,6 +284,7 @@ class HFModel(nn.Module):
         out[:, :T] = ids
         finished = ids.new_zeros(B, dtype=torch.bool)
         res = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        new_api = "cache" in inspect.signature(self.net.forward).parameters  # transformers ≥ 5.2x
         penalize = sample["repetition_penalty"] != 1.0
         for n in range(max_new):
             logits = res.logits[:, -1].float()  # (B, V)
@@ -294,13 +300,11 @@ class HFModel(nn.Module):
                 break
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             pos = pos[:, -1:] + 1
+            past = {"cache": res.cache} if new_api else {"past_key_values": res.past_key_values}
             res = self.net(
-                input_ids=token[:, None],
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=res.past_key_values,
-                use_cache=True,
-            )
+                input_ids=token[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                **past,
+            )  # fmt: skip
         return out
 
     @torch.inference_mode()

@@ -131,7 +131,7 @@ def generate(
     family, task = models.family(model, cfg.model.type), spec.task
     seq2seq = task == "seq2seq"
     causal = (
-        task == "language_modeling"
+        task in ("language_modeling", "chat")
         and family != "bert"
         and callable(getattr(model, "generate", None))
     )
@@ -156,6 +156,13 @@ def generate(
         return translate(
             model, encoder, texts, num_beams=num_beams, limit=limit, **sample, **common
         )
+    if task == "chat":  # a prompt is the user's turn, answered in the run's chat template
+        from danlu.data.chat import chat_tokenizer, render
+
+        tok = chat_tokenizer(run.tokenizer)
+        texts = [render(tok, [{"role": "user", "content": t}], generation=True) for t in texts]
+        end = spec.text.get("end_of_turn_id")
+        return complete(model, encoder, texts, end=end, separate=False, **sample, **common)
     return complete(model, encoder, texts, **sample, **common)
 
 
@@ -197,15 +204,19 @@ def complete(
     max_new_tokens: int,
     stop: Sequence[str] = (),
     stream: Stream | None = None,
+    end: int | None = None,
+    separate: bool = True,
     **sample: Any,
 ) -> list[str]:
-    """Continue prompts with a causal LM (anything with GPT.generate's signature)."""
-    eos = encoder.special_ids.get("eos")
+    """Continue prompts with a causal LM (anything with GPT.generate's signature). `end`:
+    the token that ends a continuation (default EOS); `separate`: prompts follow an EOS, as
+    every document but the first did in pretraining (not for chat-rendered prompts)."""
+    eos = end if end is not None else encoder.special_ids.get("eos")
     rows = encoder.encode_ids(texts)
     for i, row in enumerate(rows):
         if not row:
             raise ConfigError(f"prompt {i + 1} has no tokens", fix="give it some text")
-    start = [eos] if eos is not None else []  # what every document but the first follows
+    start = [eos] if eos is not None and separate else []
     rows = _fit_context([start + row for row in rows], getattr(model, "context", None))
     ids, mask = left_pad(rows, model.pad_id)  # (B, T)
     rows_text = [Continuation(encoder.decode, row, stop) for row in rows]
