@@ -154,3 +154,16 @@ def test_smollm2_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
         got = model.eval()(ids).logits
     assert got.shape == (1, ids.shape[1], 49152)
     assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_cli_convert_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from danlu.cli import app
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"PK\x03\x04 not a gguf")
+    result = CliRunner().invoke(app, ["convert", "gguf", str(bad), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "is not a GGUF file" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

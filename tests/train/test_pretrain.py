@@ -125,6 +125,33 @@ def test_fine_tune_from_a_pretraining_run_inherits_architecture_and_tokenizer() 
         danlu.predict(pre, "in the beginning")
 
 
+def test_lora_fine_tune_of_a_pretraining_run_then_merge() -> None:
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from danlu.merge import merge
+
+    pre = danlu.pretrain(lm_config("gpt", dim=32), show_progress=False).run
+    cfg = {
+        "name": "tuned_lora",
+        "data": {"dataset": str(labelled_csv(Path("labels.csv"))), "text": "text"},
+        "model": {"type": "gpt", "init_from": str(pre.path),
+                  "lora": {"rank": 4, "target": ["attn\\.qkv", "mlp"]}},
+        "train": {**TRAIN, "max_steps": 30, "optimizer": {"lr": 1.0e-2}},
+    }  # fmt: skip
+    run = danlu.train(cfg, show_progress=False).run
+    base, tuned = load_file(str(pre.weights)), load_file(str(run.weights))
+    for k, v in base.items():  # the pretrained weights are untouched
+        name = f"base_model.model.{k}"
+        name = name if name in tuned else name.replace(".weight", ".base_layer.weight")
+        name = name if name in tuned else name.replace(".bias", ".base_layer.bias")
+        assert torch.equal(tuned[name], v), k
+    assert sum(".lora_" in k for k in tuned) == 3 * 2  # 1 layer: qkv, mlp.up, mlp.down × A, B
+    result = merge(run)
+    assert result.max_difference <= 1e-4
+    assert danlu.evaluate(result.run, "val")["accuracy"] == danlu.evaluate(run, "val")["accuracy"]
+
+
 def test_init_from_errors_name_the_key() -> None:
     pre = danlu.pretrain(lm_config("rnn"), show_progress=False).run
     base = {
