@@ -41,15 +41,18 @@ def merge(
 @convert_app.command("gguf")
 @command
 def convert_gguf(
-    file: Annotated[Path, typer.Argument(help="a .gguf file (e.g. SmolLM2-135M-Instruct)")],
+    file: Annotated[
+        str, typer.Argument(help="a .gguf file, or pkg:PACKAGE/file.gguf inside a package")
+    ],
     out_dir: Annotated[Path, typer.Argument(help="checkpoint folder to write")],
     overwrite: Annotated[bool, typer.Option(help="replace OUT_DIR if it exists")] = False,
     debug: Debug = False,
 ) -> None:
     """Dequantize a GGUF checkpoint into a safetensors folder that `model.type: hf` loads."""
     from danlu.convert import convert_gguf as run_convert
+    from danlu.models.hf import resolve
 
-    folder = run_convert(file, out_dir, overwrite=overwrite)
+    folder = run_convert(resolve(file), out_dir, overwrite=overwrite)
     out.print(
         f"wrote [bold]{escape(str(folder))}[/] — use it as model.pretrained: {escape(str(folder))}",
         highlight=False,

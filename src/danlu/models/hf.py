@@ -166,6 +166,9 @@ class HFModel(nn.Module):
                 f"({str(e).splitlines()[0]})",
                 fix="check that config.json is a transformers config",
             ) from None
+        # chat rows are padded with an id the conversations never use (data.prepare_chat);
+        # language-model blocks are not padded, and their pad id may be a real token
+        self.padded = task != "language_modeling"
         task = "language_modeling" if task == "chat" else task  # a causal LM on chat rows
         head = "masked_lm" if task == "language_modeling" and is_encoder_only(config) else task
         self.task, self.kind, self.pad_id = task, head, pad_id
@@ -230,8 +233,7 @@ class HFModel(nn.Module):
             return out.logits  # (B, T, V)
         if self.kind in ("classification", "regression"):
             return self.net(input_ids=ids, attention_mask=mask).logits  # (B, C)
-        # language modelling: a block of text has no padding
-        full = bool(mask.all())
+        full = not self.padded or bool(mask.all())
         return self.net(input_ids=ids, attention_mask=None if full else mask).logits
 
     # ------------------------------------------------------------------------ generation
