@@ -185,7 +185,9 @@ def main() -> None:
         f"{torch.get_num_threads()} threads, best of {args.repeats} "
         f"({time.time() - started:.0f} s in all)"
     )
-    print("| contestant | precision | samples/s | danlu speed-up | test accuracy (400) | peak RSS |")
+    print(
+        "| contestant | precision | samples/s | danlu speed-up | test accuracy (400) | peak RSS |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     ref = samples / best["danlu"]["seconds"]
     for name in names:

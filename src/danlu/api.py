@@ -93,10 +93,7 @@ def train(
     else:
         cfg = _as_config(config, overrides)
         run = None  # created once data and model are known to work: no stray folders
-        if cfg.model.model_dump().get("init_from"):
-            cfg = _with_init_from(cfg)
-        if cfg.model.type == "hf":
-            cfg = _with_pretrained(cfg)
+        cfg = with_model_sources(cfg)
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -342,6 +339,16 @@ def _with_init_from(cfg: Config) -> Config:
         limit = raw["data"]["tokenizer"].get("max_length") or context
         raw["data"]["tokenizer"]["max_length"] = min(limit, context)
     return config_mod.validate(raw)
+
+
+def with_model_sources(cfg: Config) -> Config:
+    """The config a run records: the architecture and tokenizer of `model.init_from`, the
+    tokenizer of an `hf` checkpoint, filled in."""
+    if cfg.model.model_dump().get("init_from"):
+        cfg = _with_init_from(cfg)
+    if cfg.model.type == "hf":
+        cfg = _with_pretrained(cfg)
+    return cfg
 
 
 def _with_pretrained(cfg: Config) -> Config:

@@ -49,11 +49,11 @@ def data_check(
     `out` (default runs/<name>-check/). Blockers are reported, not raised."""
     import json
 
-    from danlu.api import _as_config, seed_everything
+    from danlu.api import _as_config, seed_everything, with_model_sources
     from danlu.data.check import run_checks
     from danlu.data.check_report import render
 
-    cfg = _as_config(config, overrides)
+    cfg = with_model_sources(_as_config(config, overrides))  # texts as the model will read them
     seed_everything(cfg.seed)
     bundle = data.build(**cfg.data.model_dump(), seed=cfg.seed)
     d = cfg.data

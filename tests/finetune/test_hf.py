@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_hf import chat_jsonl, classify, topics_csv, transformers
+from tiny_hf import chat_jsonl, classify, tiny_bert, tiny_llama, topics_csv, transformers  # noqa: F401
 from typer.testing import CliRunner
 
 import danlu

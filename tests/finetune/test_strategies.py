@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_hf import classify, topics_csv
+from tiny_hf import classify, tiny_bert, topics_csv  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 import danlu
