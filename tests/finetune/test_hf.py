@@ -191,3 +191,33 @@ def test_transformers_is_the_loader(tiny_bert: Path):
     m = HFModel(str(tiny_bert), task="classification", num_outputs=3, vocab_size=30522, pad_id=0)
     assert isinstance(m.net, transformers.BertForSequenceClassification)
     assert m.context == 128 and m(torch.tensor([[101, 2000, 102, 0]])).shape == (1, 3)
+
+
+def test_hf_seq2seq_trains_translates_and_scores(tiny_llama: Path, tmp_path: Path):
+    folder = tmp_path / "tiny_t5"
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    tok.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=len(tok), d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    transformers.T5ForConditionalGeneration(config).save_pretrained(folder)
+    words = ["goal", "match", "team", "bank", "price", "bread", "soup"]
+    rows = [{"source": f"{a} {b}", "target": f"{b} {a}"} for a in words for b in words]
+    pairs = tmp_path / "p.jsonl"
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {
+        "data": {"dataset": str(pairs), "task": "seq2seq", "tokenizer": {"max_length": 16},
+                 "split": {"val": 0.2, "test": 0.2}},
+        "model": {"type": "hf", "pretrained": str(folder)},
+        "train": {"max_steps": 6, "batch_size": 8, "threads": 1, "tensorboard": False},
+        "evaluate": {"max_new_tokens": 6},
+    }  # fmt: skip
+    run = danlu.train(cfg, run_dir=tmp_path / "run", show_progress=False).run
+    metrics = danlu.evaluate(run)
+    assert {"bleu", "chrf", "exact_match", "perplexity"} <= set(metrics)
+    assert metrics["generated"] == 10
+    [out] = danlu.generate(run, "goal bank", max_new_tokens=4, temperature=0.0)
+    assert isinstance(out, str)

@@ -227,8 +227,9 @@ def _encode(
 
 
 def target_markers(special_ids: dict[str, int]) -> tuple[int, int]:
-    """The (start, end) ids that frame a seq2seq target: BOS/EOS, else CLS/SEP."""
-    start = special_ids.get("bos", special_ids.get("cls"))
+    """The (start, end) ids that frame a seq2seq target: BOS/EOS, else CLS/SEP; a tokenizer
+    with neither BOS nor CLS starts targets with PAD, as T5 does."""
+    start = special_ids.get("bos", special_ids.get("cls", special_ids.get("pad")))
     end = special_ids.get("eos", special_ids.get("sep"))
     if start is None or end is None:
         raise DataError(

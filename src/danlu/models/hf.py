@@ -312,8 +312,8 @@ class HFModel(nn.Module):
     @torch.inference_mode()
     def _translate(self, src, max_new, num_beams, bos_id, eos_id, sample) -> torch.Tensor:
         mask = (src != self.pad_id).long()
-        start = self.config.decoder_start_token_id
-        start = bos_id if start is None else start
+        # the start token the targets were framed with in training (data.target_markers)
+        start = bos_id if bos_id is not None else self.config.decoder_start_token_id
         greedy = sample["temperature"] == 0 or num_beams > 1
         kwargs: dict[str, Any] = {"num_beams": num_beams, "do_sample": not greedy}
         if not greedy:
