@@ -231,6 +231,23 @@ def test_english_spanish_bible() -> None:
     assert pairs.targets[psalm].startswith("Al Músico principal: en Neginoth: Masquil de David")
 
 
+def test_verses_labelled_by_book_division(modules: tuple[Path, Path]) -> None:
+    en, _ = modules
+    raw = sword.bible_genres(en)  # the test module holds Gen 1 and Matt 1
+    assert raw.labels.tolist() == ["law"] * 4 + ["gospels"] * 2  # Gen 1:1–2:1, Matt 1:1, 1:3
+    assert raw.texts[0] == "In the beginning, God created."
+    assert raw.label_name == "genre" and raw.task == "classification"
+
+
+def test_bible_genre_builtin() -> None:
+    if not builtin.status(builtin.CATALOG["bible-genre"])[0]:
+        pytest.skip("sword-text-web is not installed")
+    raw = builtin.load("bible-genre", cache=None, mirror=None, download=False)
+    counts = {g: int((raw.labels == g).sum()) for g in sword.GENRES}
+    assert counts == {"law": 5852, "history": 7018, "wisdom": 4785, "prophets": 5490,
+                      "gospels": 4782, "letters": 3168}  # fmt: skip
+
+
 def test_english_prose_corpus() -> None:
     if not builtin.status(builtin.CATALOG["bible-en"])[0]:
         pytest.skip("sword-text-web is not installed")

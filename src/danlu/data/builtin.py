@@ -315,6 +315,18 @@ CATALOG: dict[str, Builtin] = {
             license=BIBLE_LICENSE,
         ),
         Builtin(
+            "bible-genre",
+            "classification",
+            "text",
+            "31,095 English verses labelled by book division (law, history, wisdom, prophets, "
+            "gospels, letters)",
+            "Debian package sword-text-web (World English Bible)",
+            lambda: sword.installed(BIBLE_EN),
+            lambda _: sword.bible_genres(BIBLE_EN),
+            install_hint="sudo apt-get install sword-text-web",
+            license=BIBLE_LICENSE,
+        ),
+        Builtin(
             "copy-task",
             "seq2seq",
             "pairs",

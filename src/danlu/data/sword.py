@@ -38,7 +38,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from danlu.data.text import RawCorpus, RawPairs, decode, make_pairs
+import numpy as np
+
+from danlu.data.text import RawCorpus, RawPairs, RawText, decode, make_pairs
 from danlu.errors import DataError
 
 log = logging.getLogger("danlu")
@@ -250,3 +252,27 @@ def bible_pairs(source: str | Path, target: str | Path, errors: str = "strict") 
     pairs.unmatched = {src.name: len(left) - len(keys), tgt.name: len(right) - len(keys)}
     log.info("%d aligned verses; unmatched: %s", len(keys), pairs.unmatched)
     return pairs
+
+
+GENRES = {  # the usual divisions of the Protestant canon; deuterocanonical books are left out
+    "law": "Gen Exod Lev Num Deut",
+    "history": "Josh Judg Ruth 1Sam 2Sam 1Kgs 2Kgs 1Chr 2Chr Ezra Neh Esth",
+    "wisdom": "Job Ps Prov Eccl Song",
+    "prophets": "Isa Jer Lam Ezek Dan Hos Joel Amos Obad Jonah Mic Nah Hab Zeph Hag Zech Mal",
+    "gospels": "Matt Mark Luke John Acts",
+    "letters": "Rom 1Cor 2Cor Gal Eph Phil Col 1Thess 2Thess 1Tim 2Tim Titus Phlm Heb Jas "
+    "1Pet 2Pet 1John 2John 3John Jude Rev",
+}
+
+
+def bible_genres(module: str | Path, errors: str = "strict") -> RawText:
+    """Verses labelled by the division of their book (law, history, wisdom, prophets, gospels,
+    letters): a topic task whose clues are names, places and style, not single words."""
+    folder = find_module(module)
+    genre_of = {book: g for g, books in GENRES.items() for book in books.split()}
+    verses = [v for v in read_verses(folder, errors) if v.book in genre_of and v.text.strip()]
+    labels = np.array([genre_of[v.book] for v in verses], dtype=object)
+    return RawText(
+        [v.text for v in verses], labels, f"SWORD module {folder.name} verses by book division",
+        label_name="genre", task="classification",
+    )  # fmt: skip
