@@ -142,10 +142,10 @@ def train(
     run.write("preprocess.json", spec.to_dict())
     if bundle.encoder is not None and not run.tokenizer.is_file():
         bundle.encoder.save(run.tokenizer)
-    if bundle.chat_tokenizer is not None:
-        from danlu.data.chat import save_chat_template
+    if bundle.chat_tokenizer is not None and not run.chat_tokenizer.is_dir():
+        from danlu.data.chat import save_chat_tokenizer
 
-        save_chat_template(bundle.chat_tokenizer, run.path)
+        save_chat_tokenizer(bundle.chat_tokenizer, run.chat_tokenizer)
     if model_cfg["type"] == "hf" and not run.hf_config.is_dir():
         models.hf.save_config(model, run.hf_config)
     trainable, total = finetune.trainable_summary(model)

@@ -28,8 +28,7 @@ from danlu.models import finetune
 from danlu.rundir import RunDir, atomic_write_json, atomic_write_text, now, save_safetensors
 
 TOLERANCE = 1e-4
-COPIED = ("preprocess.json", "data_card.json", "tokenizer.json", "chat_template.jinja",
-          "metrics.json")  # fmt: skip
+COPIED = ("preprocess.json", "data_card.json", "tokenizer.json", "metrics.json")
 
 
 @dataclass
@@ -128,8 +127,9 @@ def _write(
     for name in COPIED:
         if (src.path / name).is_file():
             shutil.copy2(src.path / name, tmp / name)
-    if src.hf_config.is_dir():
-        shutil.copytree(src.hf_config, tmp / "hf")
+    for folder in (src.hf_config, src.chat_tokenizer):
+        if folder.is_dir():
+            shutil.copytree(folder, tmp / folder.name)
     save_safetensors(
         tmp / "model.safetensors", models.state_for_saving(model), {"merged_from": str(src.path)}
     )

@@ -7,6 +7,7 @@
       preprocess.json    what turns raw inputs into model inputs (columns, statistics, classes)
       tokenizer.json     text runs: the tokenizer (Hugging Face tokenizers format)
       hf/                model.type hf: the checkpoint's config.json (the architecture)
+      chat/              data.task chat: the tokenizer with its chat template and special tokens
       model.safetensors  the weights to use (best by the monitored metric)
       checkpoints/       step-N/ (model, optimizer, scheduler, RNG, data position), atomic
       history.jsonl      one JSON line per logged step
@@ -122,6 +123,7 @@ class RunDir:
     tokenizer = property(lambda self: self.path / "tokenizer.json")
     weights = property(lambda self: self.path / "model.safetensors")
     hf_config = property(lambda self: self.path / "hf")
+    chat_tokenizer = property(lambda self: self.path / "chat")
     checkpoints = property(lambda self: self.path / "checkpoints")
     history = property(lambda self: self.path / "history.jsonl")
     metrics = property(lambda self: self.path / "metrics.json")

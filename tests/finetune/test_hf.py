@@ -100,10 +100,14 @@ def test_chat_tuning_learns_assistant_turns_and_scores_answers(tiny_llama: Path,
         "evaluate": {"max_new_tokens": 4},
     }  # fmt: skip
     run = danlu.train(cfg, run_dir=tmp_path / "run", show_progress=False).run
-    assert (run.path / "chat_template.jinja").read_text().startswith("{% for message")
+    assert (run.path / "chat" / "chat_template.jinja").read_text().startswith("{% for message")
     card = run.read("data_card.json")
     assert card["task"] == "chat" and card["sizes"] == {"train": 36, "val": 12, "test": 12}
     assert card["rows"]["train"] < 36  # packed: several conversations per row
+    history = [json.loads(line) for line in run.history.read_text().splitlines()]
+    best = min(h["val_loss"] for h in history if "val_loss" in h)
+    # the run re-reads its data with its own saved chat tokenizer: the same rows, the same loss
+    assert danlu.evaluate(run, "val")["loss"] == pytest.approx(best, abs=1e-5)
     metrics = danlu.evaluate(run)
     assert metrics["generated"] == 12 and 0 <= metrics["exact_match"] <= 1
     [answer] = danlu.generate(run, "what is the topic of this text answer with one word goal",

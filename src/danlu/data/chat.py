@@ -230,6 +230,22 @@ def save_chat_template(tok: Any, folder: str | Path) -> Path:
     return path
 
 
+def save_chat_tokenizer(tok: Any, folder: str | Path) -> Path:
+    """The whole tokenizer (tokenizer.json, special tokens, chat template) in `folder`, written
+    to a temporary sibling and renamed into place: what a chat run re-reads its data with."""
+    import shutil
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok.save_pretrained(str(tmp))
+    if not (tmp / TEMPLATE_FILE).is_file():  # older transformers keep it in the config only
+        save_chat_template(tok, tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.rename(tmp, folder)
+    return folder
+
+
 def load_chat_template(folder: str | Path) -> str | None:
     """The template saved by save_chat_template in `folder`, or None."""
     path = Path(folder) / TEMPLATE_FILE

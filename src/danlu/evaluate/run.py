@@ -52,7 +52,9 @@ def build_data(cfg: Any, run: RunDir | None = None) -> data.DataBundle:
     """The data of a config; for a run that has a tokenizer.json, text is encoded with exactly
     that tokenizer (training some vocabularies again is not deterministic across processes)."""
     kwargs = cfg.data.model_dump()
-    if run is not None and run.tokenizer.is_file():
+    if run is not None and run.chat_tokenizer.is_dir():  # with its template and special tokens
+        kwargs["tokenizer"] = {"type": "pretrained", "path": str(run.chat_tokenizer)}
+    elif run is not None and run.tokenizer.is_file():
         kwargs["tokenizer"] = {
             **(kwargs["tokenizer"] or {}),
             "type": "file",

@@ -159,7 +159,7 @@ def generate(
     if task == "chat":  # a prompt is the user's turn, answered in the run's chat template
         from danlu.data.chat import chat_tokenizer, render
 
-        tok = chat_tokenizer(run.tokenizer)
+        tok = chat_tokenizer(run.chat_tokenizer)
         texts = [render(tok, [{"role": "user", "content": t}], generation=True) for t in texts]
         end = spec.text.get("end_of_turn_id")
         return complete(model, encoder, texts, end=end, separate=False, **sample, **common)
