@@ -75,7 +75,8 @@ def generate(
         raise DanluError(
             "no prompt given", fix='pass --prompt "In the beginning" (or --prompts-file FILE)'
         )
-    seq2seq = _is_seq2seq(run)
+    task = _task(run)
+    seq2seq = task == "seq2seq"
     single = len(prompts) == 1 and stream
     streamed: list[str] = []
 
@@ -84,8 +85,8 @@ def generate(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if single and not seq2seq:
-        sys.stdout.write(prompts[0])  # the continuation follows it as it is generated
+    if single and not seq2seq:  # the continuation (a chat run: the answer) follows the prompt
+        sys.stdout.write(prompts[0] + ("\n" if task == "chat" else ""))
     texts = api.generate(
         run,
         prompts,
@@ -111,10 +112,10 @@ def generate(
         out.print(f"[bold]#{i + 1}[/] {joined}", highlight=False, soft_wrap=True)
 
 
-def _is_seq2seq(run: Path) -> bool:
+def _task(run: Path) -> str | None:
     from danlu.rundir import RunDir
 
     try:
-        return RunDir.open(run).read("preprocess.json").get("task") == "seq2seq"
+        return RunDir.open(run).read("preprocess.json").get("task")
     except DanluError:  # api.generate reports a broken run properly
-        return False
+        return None

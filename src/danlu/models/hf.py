@@ -231,8 +231,9 @@ class HFModel(nn.Module):
         if self.kind == "seq2seq":
             out = self.net(input_ids=ids, attention_mask=mask, decoder_input_ids=target_in)
             return out.logits  # (B, T, V)
-        if self.kind in ("classification", "regression"):
-            return self.net(input_ids=ids, attention_mask=mask).logits  # (B, C)
+        if self.kind in ("classification", "regression"):  # no mask: SDPA's unmasked kernel
+            full = bool(mask.all())
+            return self.net(input_ids=ids, attention_mask=None if full else mask).logits
         full = not self.padded or bool(mask.all())
         return self.net(input_ids=ids, attention_mask=None if full else mask).logits
 
