@@ -33,7 +33,7 @@ from torch import nn
 
 from danlu.errors import ConfigError
 from danlu.models.heads import SequenceHead
-from danlu.models.sampling import check_options, next_token
+from danlu.models.sampling import check_options, emit
 from danlu.registry import MODELS
 
 NORMS: dict[str, Callable[[int, bool], nn.Module]] = {
@@ -286,16 +286,10 @@ class GPT(nn.Module):
             real[:, :T] = attention_mask.bool()
         finished = ids.new_zeros(B, dtype=torch.bool)  # (B,)
         step = Stepper(self, out, real, T, max_new, use_cache)
-        penalize = sample["repetition_penalty"] != 1.0
         for n in range(max_new):
             logits = step(n)  # (B, V)
-            token = next_token(logits, generated=out[:, : T + n] if penalize else None, **sample)
-            if eos_id is not None:
-                token.masked_fill_(finished, self.pad_id)  # (B,)
-                finished |= token == eos_id
-            out[:, T + n] = token
-            stop = on_token is not None and on_token(token)
-            if stop or (eos_id is not None and bool(finished.all())):
+            args = {"eos_id": eos_id, "pad_id": self.pad_id, "on_token": on_token}
+            if emit(logits, out, T + n, finished, **args, sample=sample):
                 return out[:, : T + n + 1]
         return out
 

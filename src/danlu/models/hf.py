@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from danlu.errors import ConfigError
-from danlu.models.sampling import check_options, next_token
+from danlu.models.sampling import check_options, emit
 from danlu.registry import MODELS
 
 WEIGHT_FILES = (
@@ -288,19 +288,14 @@ class HFModel(nn.Module):
         finished = ids.new_zeros(B, dtype=torch.bool)
         res = self.net(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         new_api = "cache" in inspect.signature(self.net.forward).parameters  # transformers ≥ 5.2x
-        penalize = sample["repetition_penalty"] != 1.0
         for n in range(max_new):
             logits = res.logits[:, -1].float()  # (B, V)
-            token = next_token(logits, generated=out[:, : T + n] if penalize else None, **sample)
-            if eos_id is not None:
-                token.masked_fill_(finished, self.pad_id)
-                finished |= token == eos_id
-            out[:, T + n] = token
-            stop = on_token is not None and on_token(token)
-            if stop or (eos_id is not None and bool(finished.all())):
+            args = {"eos_id": eos_id, "pad_id": self.pad_id, "on_token": on_token}
+            if emit(logits, out, T + n, finished, **args, sample=sample):
                 return out[:, : T + n + 1]
             if n + 1 == max_new:
                 break
+            token = out[:, T + n]
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
             pos = pos[:, -1:] + 1
             past = {"cache": res.cache} if new_api else {"past_key_values": res.past_key_values}

@@ -11,6 +11,8 @@ occurs in `generated` is divided by the penalty when positive, multiplied when n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from danlu.errors import ConfigError
@@ -77,6 +79,30 @@ def next_token(
         logits = torch.empty_like(logits).scatter_(1, order, ordered)
     probs = logits.softmax(-1)  # (B, V)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
+
+
+def emit(
+    logits: torch.Tensor,
+    out: torch.Tensor,
+    pos: int,
+    finished: torch.Tensor,
+    *,
+    eos_id: int | None,
+    pad_id: int,
+    on_token: Callable[[torch.Tensor], bool] | None,
+    sample: dict,
+) -> bool:
+    """Choose every row's next token from `logits` (B, V) into out[:, pos]; rows that have
+    produced eos_id get pad_id. True when generation should stop (on_token says so, or every
+    row has finished)."""
+    penalize = sample["repetition_penalty"] != 1.0
+    token = next_token(logits, generated=out[:, :pos] if penalize else None, **sample)  # (B,)
+    if eos_id is not None:
+        token.masked_fill_(finished, pad_id)
+        finished |= token == eos_id
+    out[:, pos] = token
+    stop = on_token is not None and on_token(token)
+    return stop or (eos_id is not None and bool(finished.all()))
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
