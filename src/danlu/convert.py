@@ -79,8 +79,11 @@ def convert_gguf(
     import torch
     import transformers
 
+    from danlu.models.hf import quiet
+
     arch = gguf_architecture(src)
-    tok, model = _load_gguf(src, dtype, arch)
+    with quiet(transformers):  # no progress bars: one line when done
+        tok, model = _load_gguf(src, dtype, arch)
     model.hf_quantizer = None  # the weights are plain tensors now: save and reload as such
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -89,8 +92,9 @@ def convert_gguf(
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
+        with quiet(transformers):
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
         atomic_write_json(
             tmp / INFO_FILE,
             {
