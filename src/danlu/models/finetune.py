@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import re
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,10 +209,6 @@ def quantize_base(model: nn.Module, targets: list[str]) -> None:
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, name: name in wanted)
 
 
-def is_lora(model: nn.Module) -> bool:
-    return callable(getattr(model, "merge_and_unload", None))
-
-
 def merge(model: nn.Module) -> nn.Module:
     """The base model with every LoRA update added into its weights (full precision)."""
     return model.merge_and_unload()
@@ -252,10 +247,3 @@ def param_groups(
         {"params": ps, "lr": rate, "weight_decay": weight_decay if matrix else 0.0}
         for (rate, matrix), ps in groups.items()
     ]
-
-
-def describe_groups(groups: Iterable[dict[str, Any]]) -> str:
-    rates = sorted({g["lr"] for g in groups})
-    if len(rates) == 1:
-        return f"lr {rates[0]:.3g}"
-    return f"lr from {rates[0]:.3g} to {rates[-1]:.3g} over {len(rates)} groups"
