@@ -31,7 +31,8 @@ def test_import_is_light_and_exports_the_verbs():
     code = "import sys, danlu; print('torch' in sys.modules, sorted(danlu.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (
-        "False ['data_check', 'evaluate', 'generate', 'load_config', 'predict', 'pretrain', 'train']"
+        "False ['compare', 'data_check', 'ensemble', 'evaluate', 'explain', 'generate', "
+        "'load_config', 'predict', 'pretrain', 'report', 'train']"
     )
 
 
@@ -43,7 +44,7 @@ def test_stage_packages_are_callable_verbs():
     assert callable(danlu.train)
     assert danlu.train.loop.fit is fit
     assert callable(danlu.evaluate)
-    assert callable(danlu.evaluate.metrics.accumulator)
+    assert callable(danlu.evaluate.streaming.accumulator)
     assert danlu.predict is api.predict
     assert danlu.load_config is load
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

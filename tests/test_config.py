@@ -130,14 +130,14 @@ def test_invalid_model_type_suggests_closest():
     msg = error(base(model={"type": "mpl"}))
     assert msg == (
         "config: model.type: got 'mpl', expected one of 'mlp', 'cnn', 'rnn', 'gpt', 'bert', "
-        "'seq2seq', 'hf'; did you mean 'mlp'?"
+        "'seq2seq', 'hf', 'ensemble'; did you mean 'mlp'?"
     )
 
 
 def test_missing_model_type_lists_types():
     assert error({"data": {"dataset": "iris"}, "model": {"hidden_sizes": [4]}}) == (
         "config: missing required key 'model.type' (one of 'mlp', 'cnn', 'rnn', 'gpt', 'bert', "
-        "'seq2seq', 'hf')"
+        "'seq2seq', 'hf', 'ensemble')"
     )
 
 

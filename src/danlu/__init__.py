@@ -21,7 +21,19 @@ __version__ = "0.1.0"
 # CPU build cannot load, and torch about an API torchao still uses: noise, not news
 for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
-__all__ = ["data_check", "evaluate", "generate", "load_config", "predict", "pretrain", "train"]
+__all__ = [
+    "compare",
+    "data_check",
+    "ensemble",
+    "evaluate",
+    "explain",
+    "generate",
+    "load_config",
+    "predict",
+    "pretrain",
+    "report",
+    "train",
+]
 
 
 class _CallablePackage(types.ModuleType):
@@ -40,7 +52,7 @@ def _api_package(name: str) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("train", "evaluate"):
+    if name in ("train", "evaluate", "ensemble"):
         import importlib
 
         return importlib.import_module(f"danlu.{name}")
@@ -48,6 +60,14 @@ def __getattr__(name: str) -> Any:
         from danlu import api
 
         return getattr(api, name)
+    if name in ("report", "compare"):
+        from danlu.evaluate import report
+
+        return {"report": report.write_report, "compare": report.write_comparison}[name]
+    if name == "explain":
+        from danlu.api_explain import explain
+
+        return explain
     if name == "load_config":
         from danlu.config import load
 

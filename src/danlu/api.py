@@ -92,6 +92,11 @@ def train(
         cfg = _resume_config(run, config, overrides, force)
     else:
         cfg = _as_config(config, overrides)
+        if cfg.model.type == "ensemble":
+            raise ConfigError(
+                "model.type: ensemble is not trained: it averages runs that are",
+                fix="train the members, then `danlu ensemble RUN RUN ... --out RUN`",
+            )
         run = None  # created once data and model are known to work: no stray folders
         cfg = with_model_sources(cfg)
     seed_everything(cfg.seed)
@@ -252,6 +257,13 @@ def generate(run: str | Path | RunDir, prompts: str | list[str], **options: Any)
 def evaluate(run: str | Path | RunDir, split: str | None = None) -> dict[str, Any]:
     """Score a run on a split (default: the config's evaluate.split); writes metrics.json."""
     return evaluate_run(run if isinstance(run, RunDir) else RunDir.open(run), split)
+
+
+def ensemble(runs: list[str | Path], out: str | Path, **options: Any) -> Any:
+    """Average runs of one task into a new run (see danlu.ensemble); returns (run, metrics)."""
+    from danlu.ensemble import ensemble as build
+
+    return build(runs, out, **options)
 
 
 def predict(run: str | Path | RunDir, inputs: Any) -> pd.DataFrame:

@@ -196,6 +196,13 @@ def _metrics_table(metrics: dict[str, Any], split: str, run: Path) -> None:
         if isinstance(value, float):
             table.add_row(key, f"{value:.4f}")
     out.print(table)
+    ci = metrics.get("ci")
+    if ci:
+        out.print(
+            f"{ci['metric']} {ci['value']:.4f}, {ci['level']:.0%} bootstrap interval "
+            f"[{ci['low']:.4f}, {ci['high']:.4f}] ({ci['replicates']} replicates)",
+            highlight=False,
+        )
     per_class = metrics.get("per_class")
     if per_class:
         t = Table(title="per class")
@@ -423,7 +430,7 @@ def quickstart(
     )
 
 
-from danlu import cli_finetune, cli_text  # noqa: E402, F401  (register their commands)
+from danlu import cli_finetune, cli_report, cli_text  # noqa: E402, F401  (register their commands)
 
 
 def main() -> None:

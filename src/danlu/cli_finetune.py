@@ -1,4 +1,5 @@
-"""`danlu merge` and `danlu convert gguf`: the fine-tuning verbs (registered on cli.app)."""
+"""Verbs that make a run out of runs or checkpoints: `danlu merge`, `danlu ensemble` and
+`danlu convert gguf` (registered on cli.app)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,50 @@ def merge(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@app.command()
+@command
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="two or more runs of the same task and data")],
+    out_dir: Annotated[Path, typer.Option("--out", help="the ensemble run folder to write")],
+    weights: Annotated[
+        str | None, typer.Option(help="comma-separated member weights (default: equal)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace --out if it exists")] = False,
+    debug: Debug = False,
+) -> None:
+    """Average several runs' predicted probabilities (or values) into one run, then evaluate
+    it and each member on the same split."""
+    from danlu.ensemble import ensemble as build
+    from danlu.errors import ConfigError
+
+    parsed = None
+    if weights is not None:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--weights {weights!r} is not a comma-separated list of numbers",
+                fix="e.g. --weights 0.5,0.3,0.2 (one per run)",
+            ) from None
+    result = build([str(r) for r in runs], out_dir, weights=parsed, overwrite=overwrite)
+    m = result.metrics
+    metric = m.get("headline", "accuracy")
+    out.print(
+        f"ensemble of {len(runs)} runs → [bold]{escape(str(result.run.path))}[/] · "
+        f"{m.get('split')} {metric} {m.get(metric, float('nan')):.4f}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for member in m.get("members", []):
+        value = member["value"]
+        gain = m.get(metric, float("nan")) - value if value is not None else float("nan")
+        out.print(
+            f"  {escape(member['run'])}: {metric} {value:.4f} (ensemble {gain:+.4f})",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @convert_app.command("gguf")

@@ -245,6 +245,16 @@ class EvaluateConfig(Section):
     )
     num_beams: int = Field(1, ge=1, le=16, description="seq2seq: beam width when scoring")
     max_new_tokens: int | None = Field(None, ge=1, description="default: the tokenizer's max")
+    bootstrap: int = Field(
+        200, ge=0, le=10_000, description="bootstrap replicates for the headline CI (0 = none)"
+    )
+    worst: int = Field(10, ge=0, le=1000, description="worst errors kept for the report")
+    memory_mb: float = Field(
+        256.0, gt=0, description="cap on per-example scores kept for ROC/PR curves"
+    )
+    slices: list[str] | None = Field(
+        None, description="columns to report every metric per group of (fairness slices)"
+    )
 
 
 class Config(Section):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Section(BaseModel):
@@ -141,8 +141,31 @@ class HFConfig(Section):
     trust_remote_code: bool = Field(False, description="run code shipped with the checkpoint")
 
 
+class EnsembleConfig(Section):
+    """Several trained runs of one task averaged: written by `danlu ensemble`, not trained."""
+
+    type: Literal["ensemble"]
+    members: list[str] = Field(min_length=2, description="member runs, relative to the run")
+    weights: list[float] | None = Field(None, description="default: equal weights")
+    sources: list[str] | None = Field(None, description="the runs the members were copied from")
+    output: Literal["auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _weights_fit(self) -> EnsembleConfig:
+        if self.weights is not None:
+            if len(self.weights) != len(self.members) or min(self.weights) < 0:
+                raise ValueError(
+                    f"model.weights needs one weight ≥ 0 per member ({len(self.members)}), "
+                    f"got {self.weights}"
+                )
+            if sum(self.weights) <= 0:
+                raise ValueError("model.weights must not all be 0")
+        return self
+
+
+_FAMILIES = (MLPConfig, CNNConfig, RNNConfig, GPTConfig, BERTConfig, Seq2SeqConfig, HFConfig)
 ModelConfig = Annotated[
-    Union[MLPConfig, CNNConfig, RNNConfig, GPTConfig, BERTConfig, Seq2SeqConfig, HFConfig],  # noqa: UP007
+    Union[(*_FAMILIES, EnsembleConfig)],
     Field(discriminator="type"),
 ]
 TEXT_MODELS = ("rnn", "gpt", "bert", "seq2seq", "hf")

@@ -12,7 +12,6 @@ the source), written to a temporary folder and renamed into place.
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,14 @@ from danlu.errors import CheckpointError, ConfigError
 from danlu.evaluate.run import build_data, load_model
 from danlu.evaluate.tokens import objective_name, token_outputs
 from danlu.models import finetune
-from danlu.rundir import RunDir, atomic_write_json, atomic_write_text, now, save_safetensors
+from danlu.rundir import (
+    RunDir,
+    atomic_write_json,
+    atomic_write_text,
+    now,
+    save_safetensors,
+    staged,
+)
 
 TOLERANCE = 1e-4
 COPIED = ("preprocess.json", "data_card.json", "tokenizer.json", "metrics.json")
@@ -119,31 +125,26 @@ def _write(
 ) -> None:
     from danlu import config as config_mod
 
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    atomic_write_text(tmp / "config.yaml", config_mod.validate(raw).to_yaml())
-    for name in COPIED:
-        if (src.path / name).is_file():
-            shutil.copy2(src.path / name, tmp / name)
-    for folder in (src.hf_config, src.chat_tokenizer):
-        if folder.is_dir():
-            shutil.copytree(folder, tmp / folder.name)
-    save_safetensors(
-        tmp / "model.safetensors", models.state_for_saving(model), {"merged_from": str(src.path)}
-    )
-    lineage = src.read("lineage.json") if src.lineage.is_file() else {}
-    lineage |= {
-        "merged": {
-            "from": str(src.path),
-            "at": now(),
-            "max_difference": diff,
-            "held_out_examples": count,
+    with staged(target) as tmp:
+        atomic_write_text(tmp / "config.yaml", config_mod.validate(raw).to_yaml())
+        for name in COPIED:
+            if (src.path / name).is_file():
+                shutil.copy2(src.path / name, tmp / name)
+        for folder in (src.hf_config, src.chat_tokenizer):
+            if folder.is_dir():
+                shutil.copytree(folder, tmp / folder.name)
+        save_safetensors(
+            tmp / "model.safetensors",
+            models.state_for_saving(model),
+            {"merged_from": str(src.path)},
+        )
+        lineage = src.read("lineage.json") if src.lineage.is_file() else {}
+        lineage |= {
+            "merged": {
+                "from": str(src.path),
+                "at": now(),
+                "max_difference": diff,
+                "held_out_examples": count,
+            }
         }
-    }
-    atomic_write_json(tmp / "lineage.json", lineage)
-    if target.exists():
-        shutil.rmtree(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.rename(tmp, target)
+        atomic_write_json(tmp / "lineage.json", lineage)

@@ -103,6 +103,28 @@ def sha256_file(path: Path, h: Any = None) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def staged(target: Path):
+    """Build a run folder in a temporary sibling and rename it into place only when the
+    block finishes: a crash leaves no half-written run that looks complete."""
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(tmp, target)
+    fsync_dir(target.parent)
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

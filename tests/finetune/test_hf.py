@@ -96,7 +96,7 @@ def test_chat_tuning_learns_assistant_turns_and_scores_answers(tiny_llama: Path,
                  "block_size": 64, "split": {"val": 0.2, "test": 0.2}},
         "model": {"type": "hf", "pretrained": str(tiny_llama), "lora": {"rank": 4}},
         "train": {"epochs": 3, "batch_size": 8, "threads": 1, "tensorboard": False,
-                  "optimizer": {"lr": 3e-3}},
+                  "optimizer": {"lr": 3e-3}, "precision": "fp32"},  # evaluate runs fp32
         "evaluate": {"max_new_tokens": 4},
     }  # fmt: skip
     run = danlu.train(cfg, run_dir=tmp_path / "run", show_progress=False).run

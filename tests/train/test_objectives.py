@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from danlu.data.loader import Batch
 from danlu.errors import ConfigError
-from danlu.evaluate.metrics import ClassificationMetrics, RegressionMetrics
+from danlu.evaluate.streaming import ClassificationMetrics, RegressionMetrics
 from danlu.models.mlp import MLP
 from danlu.train.objectives import (
     Supervised,

@@ -15,7 +15,7 @@ import torch
 
 import danlu
 from danlu.errors import ConfigError, DataError
-from danlu.evaluate.metrics import TokenMetrics
+from danlu.evaluate.streaming import TokenMetrics
 from danlu.rundir import RunDir
 
 WORDS = [

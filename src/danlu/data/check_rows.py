@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
+
+from danlu.errors import ConfigError
 
 
 def split_inputs(bundle: Any) -> tuple[str, dict[str, Any]]:
@@ -65,3 +68,36 @@ def describe_row(bundle: Any, split: str, position: int) -> dict[str, Any]:
     else:
         out["where"] = f"{'official test ' if official_test else ''}example {index}"
     return out
+
+
+def split_column(bundle: Any, split: str, column: str) -> np.ndarray:
+    """The raw values of one source column for each example of a split (any column of the
+    table, used as a feature or not), e.g. a group for fairness slices."""
+    raw = bundle.raw
+    if hasattr(raw, "frame") and raw.frame is not None:
+        frames = split_frames(bundle)
+    elif getattr(raw, "columns", None) is not None:
+        test = getattr(raw, "test_columns", None)
+        frames = {
+            name: _source(bundle, name, raw.columns, test).iloc[s.index]
+            for name, s in bundle.splits.items()
+            if _source(bundle, name, raw.columns, test) is not None
+        }
+    else:
+        raise ConfigError(
+            f"evaluate.slices: column '{column}' cannot be read from a dataset without columns "
+            f"({getattr(raw, 'origin', 'this source')})",
+            fix="slices need a table (CSV, Parquet, JSONL) holding the group column",
+        )
+    if split not in frames:
+        raise ConfigError(
+            f"evaluate.slices: the '{split}' split comes from a source without column '{column}'",
+            fix="evaluate another split with --split, or keep the group column in that file",
+        )
+    frame = frames[split]
+    if column not in frame.columns:
+        raise ConfigError(
+            f"evaluate.slices: no column '{column}' in the data",
+            fix=f"choose among: {', '.join(map(str, frame.columns))}",
+        )
+    return frame[column].fillna("(missing)").astype(str).to_numpy()

@@ -49,6 +49,7 @@ class RawText:
     task: str | None = None  # a built-in's own task
     test_texts: list[str] | None = None
     test_labels: np.ndarray | None = None
+    columns: pd.DataFrame | None = None  # the source table's other columns, row by row
 
 
 @dataclass
@@ -155,7 +156,8 @@ def text_table(
             f"({int(missing.sum())} rows without a label)",
             fix="fill in the labels or drop those rows from the file",
         )
-    return RawText(texts, values.to_numpy(), origin, text, label, task)
+    others = frame.drop(columns=[text]).reset_index(drop=True)
+    return RawText(texts, values.to_numpy(), origin, text, label, task, columns=others)
 
 
 def make_pairs(

@@ -1,6 +1,7 @@
 """Score a chat model on what it answers: held-out conversations are cut before their last
 assistant turn, the model answers greedily, and the answers are compared with the reference
-turns by exact match (after whitespace normalisation, case-insensitive) and ROUGE-L F1.
+turns by exact match (after whitespace normalisation, case-insensitive), ROUGE-1/2/L F1,
+sacreBLEU and chrF.
 
     scores = answer_scores(model, tok, conversations, max_new_tokens=64)
 """
@@ -12,11 +13,8 @@ from typing import Any
 import torch
 
 from danlu.data import chat
+from danlu.evaluate.metrics import generation_metrics
 from danlu.models.sampling import left_pad
-
-
-def _norm(text: str) -> str:
-    return " ".join(text.split()).casefold()
 
 
 @torch.no_grad()
@@ -30,8 +28,6 @@ def answer_scores(
     batch_size: int = 8,
     keep: int = 20,
 ) -> dict[str, Any]:
-    from rouge_score import rouge_scorer
-
     stop = chat.end_of_turn_id(tok)
     eos = tok.eos_token_id
     pairs = [chat.prompt_and_reference(c, tok) for c in conversations]
@@ -51,13 +47,8 @@ def answer_scores(
             ends = [k for k, t in enumerate(row) if t in (stop, eos)]
             answers.append(tok.decode(row[: ends[0]] if ends else row, skip_special_tokens=True))
     refs = [r for _, r in pairs]
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [scorer.score(r, a)["rougeL"].fmeasure for r, a in zip(refs, answers, strict=True)]
-    exact = [_norm(a) == _norm(r) for r, a in zip(refs, answers, strict=True)]
-    n = max(len(answers), 1)
     return {
-        "exact_match": sum(exact) / n,
-        "rouge_l": sum(rouge) / n,
+        **generation_metrics(answers, refs, casefold=True),
         "generated": len(answers),
         "examples": [
             {"prompt": p[-300:], "reference": r, "generated": a}

@@ -3,7 +3,7 @@
 Training adds a loss to `token_outputs`; evaluation accumulates the same (logits, targets)
 into loss per token, perplexity and accuracy, so `val_loss` during training and `danlu
 evaluate` measure exactly the same thing. Seq2seq runs are also scored on what they generate:
-exact match, sacreBLEU and chrF against the reference targets.
+exact match, sacreBLEU, chrF and ROUGE against the reference targets.
 
     logits, targets = token_outputs(model, "causal_lm", batch.x, batch.y, text=spec.text)
 """
@@ -75,8 +75,9 @@ def generation_scores(
     keep: int = 20,
 ) -> dict[str, Any]:
     """Generate a target for every source of a seq2seq split and score it against the
-    reference: exact match (after whitespace normalisation), corpus sacreBLEU and chrF."""
-    import sacrebleu
+    reference: exact match (after whitespace normalisation), corpus sacreBLEU, chrF and
+    ROUGE-1/2/L."""
+    from danlu.evaluate.metrics import generation_metrics
 
     ids = text["special_ids"]
     bos = ids.get("bos", ids.get("cls"))
@@ -92,12 +93,8 @@ def generation_scores(
         refs += encoder.decode_batch(batch.y.tolist())
         if len(sources) < keep:
             sources += encoder.decode_batch(batch.x[: keep - len(sources)].tolist())
-    norm = [" ".join(h.split()) for h in hyps], [" ".join(r.split()) for r in refs]
-    exact = sum(h == r for h, r in zip(*norm, strict=True)) / max(len(hyps), 1)
     return {
-        "exact_match": exact,
-        "bleu": sacrebleu.corpus_bleu(norm[0], [norm[1]]).score,
-        "chrf": sacrebleu.corpus_chrf(norm[0], [norm[1]]).score,
+        **generation_metrics(hyps, refs),
         "generated": len(hyps),
         "examples": [
             {"source": s, "reference": r, "generated": h}

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from danlu.data.loader import Batch
 from danlu.errors import ConfigError
-from danlu.evaluate.metrics import TokenMetrics, accumulator
+from danlu.evaluate.streaming import TokenMetrics, accumulator
 from danlu.evaluate.tokens import IGNORE, objective_name, token_outputs
 
 Step = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # loss, outputs, targets
