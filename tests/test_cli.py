@@ -199,14 +199,20 @@ def test_evaluate_prints_accuracy_and_writes_metrics(tiny_run):
     assert set(test["per_class"]) == {"ant", "bee", "cat"}
     assert re.search(rf"accuracy\s+│\s+{test['accuracy']:.4f}", r.stdout)
     assert "runs/tiny · test split · 24 examples" in " ".join(r.stdout.split())
+    ci = test["ci"]
+    assert f"accuracy {test['accuracy']:.4f}, 95% bootstrap interval [{ci['low']:.4f}" in r.stdout
+    assert "report: runs/tiny/report.html" in r.stdout
+    assert "id='confusion-matrix'" in (tiny_run / "report.html").read_text()
+    (tiny_run / "report.html").unlink()
 
-    r = cli("evaluate", tiny_run, "--split", "val")
+    r = cli("evaluate", tiny_run, "--split", "val", "--no-report")
     assert r.code == 0, r.stderr
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert set(metrics) == {"test", "val"}
     assert metrics["val"]["count"] == 12
     assert metrics["test"] == test
     assert "runs/tiny · val split · 12 examples" in " ".join(r.stdout.split())
+    assert not (tiny_run / "report.html").exists()
 
 
 # ------------------------------------------------------------------------------- predict

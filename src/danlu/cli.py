@@ -172,15 +172,21 @@ def _train_summary(result: Any) -> None:
 def evaluate(
     run: Annotated[Path, typer.Argument(help="run directory")],
     split: Annotated[str | None, typer.Option(help="train, val or test (default: config)")] = None,
+    report: Annotated[bool, typer.Option(help="also write report.html")] = True,
     debug: Debug = False,
 ) -> None:
-    """Score a run on a split; prints a table and writes metrics.json."""
+    """Score a run on a split; prints a table, writes metrics.json and report.html."""
     from danlu import api
 
     if split is not None and split not in ("train", "val", "test"):
         raise DanluError(f"--split {split!r} is not a split", fix="use train, val or test")
     metrics = api.evaluate(run, split)
     _metrics_table(metrics, metrics["split"], run)
+    if report:
+        from danlu.evaluate.report import write_report
+
+        path = write_report(run, metrics["split"])
+        out.print(f"report: {escape(str(path))}", highlight=False, soft_wrap=True)
 
 
 def _metrics_table(metrics: dict[str, Any], split: str, run: Path) -> None:
@@ -410,6 +416,9 @@ def quickstart(
     result = api.train("fashion_cnn", overrides or [], run_dir=run_dir)
     _train_summary(result)
     metrics = api.evaluate(result.run, "test")
+    from danlu.evaluate.report import write_report
+
+    report = write_report(result.run, "test")
     run = escape(str(result.run.path))
     out.print(
         f"\n[bold green]test accuracy: {metrics['accuracy']:.4f}[/] on "
@@ -420,7 +429,7 @@ def quickstart(
     samples = Path("configs/data/fashion")  # in the repository; else where danlu is installed
     samples = samples if samples.is_dir() else EXAMPLES_DIR / "data" / "fashion"
     out.print(
-        f"run directory: {run}\n\nnext:\n"
+        f"run directory: {run}\nreport: {escape(str(report))}\n\nnext:\n"
         f"  danlu evaluate {run} --split test\n"
         f"  danlu predict {run} {samples} --out preds.csv\n"
         f"  tensorboard --logdir {run}/tb\n"
@@ -430,7 +439,7 @@ def quickstart(
     )
 
 
-from danlu import cli_finetune, cli_report, cli_text  # noqa: E402, F401  (register their commands)
+from danlu import cli_explain, cli_finetune, cli_report, cli_text  # noqa: E402, F401  (register their commands)
 
 
 def main() -> None:

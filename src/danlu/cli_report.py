@@ -49,9 +49,17 @@ def compare(
     debug: Debug = False,
 ) -> None:
     """Write one page comparing runs: metrics side by side (best highlighted), overlaid
-    learning curves and the config keys that differ."""
+    learning curves and the config keys that differ (runs never evaluated are evaluated on
+    their config's split first)."""
+    from danlu import api
     from danlu.evaluate.report import write_comparison
+    from danlu.rundir import RunDir
 
+    for r in runs:
+        run_dir = RunDir.open(r)
+        if run_dir.weights.is_file() and not run_dir.metrics.is_file():
+            out.print(f"evaluating {escape(str(r))} first")
+            api.evaluate(run_dir)
     path = write_comparison(runs, out_file)
     out.print(
         f"compared {len(runs)} runs → [bold]{escape(str(path))}[/]", highlight=False, soft_wrap=True
