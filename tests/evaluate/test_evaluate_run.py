@@ -140,7 +140,11 @@ def test_text_worst_errors_carry_the_text(tmp_path):
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     cfg = tiny_config(
         str(tmp_path / "t.csv"),
-        data={"text": "text", "label": "label", "tokenizer": {"type": "wordpiece", "vocab_size": 60}},
+        data={
+            "text": "text",
+            "label": "label",
+            "tokenizer": {"type": "wordpiece", "vocab_size": 60},
+        },
         model={"type": "rnn", "hidden_size": 8, "num_layers": 1, "dim": 8},
         train={"epochs": 1},
     )
