@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 import danlu
-from conftest import make_images, tiny_config, write_idx
+from conftest import tiny_config
 from danlu.cli import app
 from danlu.errors import ConfigError
 from danlu.evaluate.run import evaluate_run
@@ -106,17 +106,9 @@ def test_memory_cap_gives_the_same_numbers(tmp_path):
     assert capped["roc_auc"] == pytest.approx(full["roc_auc"], abs=2e-3)
 
 
-def test_image_worst_errors_carry_a_png_thumbnail(tmp_path):
-    folder = tmp_path / "idx"
-    folder.mkdir()
-    x, y = make_images(60)
-    tx, ty = make_images(30, seed=1)
-    write_idx(folder / "train-images-idx3-ubyte.gz", x[:, 0])
-    write_idx(folder / "train-labels-idx1-ubyte.gz", y)
-    write_idx(folder / "t10k-images-idx3-ubyte.gz", tx[:, 0])
-    write_idx(folder / "t10k-labels-idx1-ubyte.gz", ty)
+def test_image_worst_errors_carry_a_png_thumbnail(idx_folder):
     slow = {"epochs": 1, "optimizer": {"name": "sgd", "lr": 1e-6}}  # about the initial model
-    cfg = tiny_config(str(folder), train=slow, evaluate={"bootstrap": 0})
+    cfg = tiny_config(str(idx_folder), train=slow, evaluate={"bootstrap": 0})
     run = _train(cfg, "runs/img")
     m = evaluate_run(run)
     assert "ci" not in m and "decision_surface" not in m
