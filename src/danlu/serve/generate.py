@@ -157,13 +157,18 @@ def generate(
             model, encoder, texts, num_beams=num_beams, limit=limit, **sample, **common
         )
     if task == "chat":  # a prompt is the user's turn, answered in the run's chat template
-        from danlu.data.chat import chat_tokenizer, render
-
-        tok = chat_tokenizer(run.chat_tokenizer)
-        texts = [render(tok, [{"role": "user", "content": t}], generation=True) for t in texts]
-        end = spec.text.get("end_of_turn_id")
+        texts, end = chat_prompts(run, spec, texts)
         return complete(model, encoder, texts, end=end, separate=False, **sample, **common)
     return complete(model, encoder, texts, **sample, **common)
+
+
+def chat_prompts(run: RunDir, spec: Any, texts: list[str]) -> tuple[list[str], int | None]:
+    """Prompts as user turns in a chat run's template, and the token that ends an answer."""
+    from danlu.data.chat import chat_tokenizer, render
+
+    tok = chat_tokenizer(run.chat_tokenizer)
+    texts = [render(tok, [{"role": "user", "content": t}], generation=True) for t in texts]
+    return texts, spec.text.get("end_of_turn_id")
 
 
 def check_request(texts: list[str], max_new_tokens: int, num_beams: int, stop) -> None:
@@ -211,13 +216,8 @@ def complete(
     """Continue prompts with a causal LM (anything with GPT.generate's signature). `end`:
     the token that ends a continuation (default EOS); `separate`: prompts follow an EOS, as
     every document but the first did in pretraining (not for chat-rendered prompts)."""
-    eos = end if end is not None else encoder.special_ids.get("eos")
-    rows = encoder.encode_ids(texts)
-    for i, row in enumerate(rows):
-        if not row:
-            raise ConfigError(f"prompt {i + 1} has no tokens", fix="give it some text")
-    start = [eos] if eos is not None and separate else []
-    rows = _fit_context([start + row for row in rows], getattr(model, "context", None))
+    context = getattr(model, "context", None)
+    rows, eos = prompt_ids(encoder, texts, end=end, separate=separate, context=context)
     ids, mask = left_pad(rows, model.pad_id)  # (B, T)
     rows_text = [Continuation(encoder.decode, row, stop) for row in rows]
     live = [True] * len(rows)
@@ -249,6 +249,25 @@ def complete(
             c.push(*_until(out[i, ids.shape[1] :].tolist(), eos))
         emit(i, c.finish())
     return [c.text for c in rows_text]
+
+
+def prompt_ids(
+    encoder: TextEncoder,
+    texts: list[str],
+    *,
+    end: int | None = None,
+    separate: bool = True,
+    context: int | None = None,
+) -> tuple[list[list[int]], int | None]:
+    """Each prompt's token ids as a causal LM continues it (after EOS when `separate`; its
+    last `context` tokens), and the token that ends a continuation (`end`, default EOS)."""
+    eos = end if end is not None else encoder.special_ids.get("eos")
+    rows = encoder.encode_ids(texts)
+    for i, row in enumerate(rows):
+        if not row:
+            raise ConfigError(f"prompt {i + 1} has no tokens", fix="give it some text")
+    start = [eos] if eos is not None and separate else []
+    return _fit_context([start + row for row in rows], context), eos
 
 
 def translate(
