@@ -195,6 +195,8 @@ def test_regression_edge_cases():
         ("val_r2", False),
         ("val_roc_auc", False),
         ("precision_weighted", False),
+        ("fpr", True),
+        ("tpr", False),
     ],
 )
 def test_lower_is_better(metric, lower):

@@ -21,7 +21,9 @@ from danlu.models.ensemble import probabilities
 
 __all__ = ["probabilities"]  # re-exported: where evaluation code looks for it
 
-LOWER_IS_BETTER = ("loss", "mse", "rmse", "mae", "mape", "log_loss", "error", "ece", "perplexity")
+LOWER_IS_BETTER = (
+    "loss", "mse", "rmse", "mae", "mape", "log_loss", "error", "ece", "perplexity", "fpr",
+)  # fmt: skip
 
 
 def lower_is_better(metric: str) -> bool:

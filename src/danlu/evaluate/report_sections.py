@@ -351,7 +351,7 @@ def _worst(values: list[Any], metric: str) -> Any:
     nums = [v for v in values if is_num(v)]
     if metric == "positive_rate" or len(nums) < 2 or min(nums) == max(nums):  # neither good nor bad
         return None
-    return max(nums) if lower_is_better(metric) or metric == "fpr" else min(nums)
+    return max(nums) if lower_is_better(metric) else min(nums)
 
 
 def _mark(cell: str, on: bool) -> str:
