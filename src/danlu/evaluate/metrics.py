@@ -74,15 +74,6 @@ def from_confusion(cm: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     }
 
 
-def roc_auc(y_true: np.ndarray, scores: np.ndarray) -> float | None:
-    """Binary ROC-AUC (None when only one class is present)."""
-    from sklearn.metrics import roc_auc_score
-
-    if len(np.unique(y_true)) < 2:
-        return None
-    return float(roc_auc_score(y_true, scores))
-
-
 def ranking(y_true: np.ndarray, scores: np.ndarray, points: int = 200) -> dict[str, Any] | None:
     """ROC-AUC, average precision (PR-AUC) and both curves (at most `points` each) of one
     class scored one-vs-rest; None when the class is absent or everything is that class."""
