@@ -23,10 +23,12 @@ for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 __all__ = [
     "compare",
+    "compress",
     "data_check",
     "ensemble",
     "evaluate",
     "explain",
+    "export",
     "generate",
     "load_config",
     "predict",
@@ -52,7 +54,7 @@ def _api_package(name: str) -> None:
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("train", "evaluate", "ensemble"):
+    if name in ("train", "evaluate", "ensemble", "compress"):
         import importlib
 
         return importlib.import_module(f"danlu.{name}")
@@ -64,6 +66,10 @@ def __getattr__(name: str) -> Any:
         from danlu.evaluate import report
 
         return {"report": report.write_report, "compare": report.write_comparison}[name]
+    if name == "export":
+        from danlu.api_compress import export
+
+        return export
     if name == "explain":
         from danlu.api_explain import explain
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,11 +83,15 @@ def train(
     force: bool = False,
     show_progress: bool | None = None,
     pretraining: bool = False,
+    model: torch.nn.Module | None = None,
+    wrap_objective: Callable[[Any], Any] | None = None,
 ) -> TrainResult:
     """Train a model from a config (file, bundled example name, dict or Config) into a run dir.
 
     `resume` continues a run from its last checkpoint; the config may then only change the
-    training length (and logging) unless `force` is set."""
+    training length (and logging) unless `force` is set. `model` trains a given model (e.g. a
+    pruned one) instead of building the config's; `wrap_objective` wraps the config's objective
+    (distillation adds the teacher's term)."""
     if resume is not None:
         run = resume if isinstance(resume, RunDir) else RunDir.open(resume)
         cfg = _resume_config(run, config, overrides, force)
@@ -111,6 +116,7 @@ def train(
             atomic_write_text(run.config, cfg.to_yaml())
 
     model_cfg = cfg.model.model_dump()
+    given = model
     if spec.input == "text" and model_cfg["type"] in ("mlp", "cnn"):
         raise ConfigError(
             f"model.type: {model_cfg['type']} reads numbers or pixels, not token ids",
@@ -126,11 +132,15 @@ def train(
         text=spec.text,
     )
     t = cfg.train
-    if resume is None and model_cfg.get("init_from"):
+    if given is not None:
+        model = given
+    elif resume is None and model_cfg.get("init_from"):
         _start_from(model, model_cfg["init_from"], bundle)
     family = models.family(model, model_cfg["type"])
     model = models.adapt(model, model_cfg)
     objective = build_objective(t.model_dump(), spec, family, kind, bundle)
+    if wrap_objective is not None:
+        objective = wrap_objective(objective)
     if pretraining and not isinstance(objective, TokenObjective):
         raise ConfigError(
             f"danlu pretrain needs a language-modelling or seq2seq config; this one trains a "
@@ -264,6 +274,13 @@ def ensemble(runs: list[str | Path], out: str | Path, **options: Any) -> Any:
     from danlu.ensemble import ensemble as build
 
     return build(runs, out, **options)
+
+
+def compress(run: str | Path | RunDir, config: Any = None, **options: Any) -> Any:
+    """Make, evaluate and time the compressed variants of a run (see danlu.api_compress)."""
+    from danlu.api_compress import compress as make
+
+    return make(run, config, **options)
 
 
 def predict(run: str | Path | RunDir, inputs: Any) -> pd.DataFrame:

@@ -439,7 +439,7 @@ def quickstart(
     )
 
 
-from danlu import cli_explain, cli_finetune, cli_report, cli_text  # noqa: E402, F401  (register their commands)
+from danlu import cli_compress, cli_explain, cli_finetune, cli_report, cli_text  # noqa: E402, F401  (register their commands)
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
+from danlu.config_compress import CompressConfig
 from danlu.config_errors import describe
 from danlu.config_models import (  # noqa: F401  (the whole schema is importable from here)
     BERTConfig,
@@ -265,6 +266,7 @@ class Config(Section):
     model: ModelConfig
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compress: CompressConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")

@@ -14,6 +14,7 @@ import torch
 
 from danlu.data import chat
 from danlu.evaluate.metrics import generation_metrics
+from danlu.models.compressed import device_of
 from danlu.models.sampling import left_pad
 
 
@@ -31,7 +32,7 @@ def answer_scores(
     stop = chat.end_of_turn_id(tok)
     eos = tok.eos_token_id
     pairs = [chat.prompt_and_reference(c, tok) for c in conversations]
-    device = next(model.parameters()).device
+    device = device_of(model)
     answers: list[str] = []
     for i in range(0, len(pairs), batch_size):
         rows = [tok(p, add_special_tokens=False)["input_ids"] for p, _ in pairs[i : i + batch_size]]

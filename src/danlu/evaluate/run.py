@@ -21,6 +21,8 @@ from danlu.evaluate import artifacts
 from danlu.evaluate.metrics import check_metrics, scalars
 from danlu.evaluate.streaming import SliceMetrics, accumulator
 from danlu.evaluate.tokens import generation_scores, objective_name, token_outputs
+from danlu.models import compressed
+from danlu.models.compressed import place
 from danlu.rundir import RunDir, now
 
 log = logging.getLogger("danlu")
@@ -55,6 +57,9 @@ def load_model(run: RunDir) -> tuple[torch.nn.Module, Any, DataSpec, str]:
     if quantized and model_cfg.get("init_from"):
         models.load_backbone(model, RunDir.open(model_cfg["init_from"]).weights, "the base run")
     model = models.adapt(model, model_cfg)
+    if (run.path / compressed.META).is_file():  # a variant made by `danlu compress`
+        model = compressed.load(model, run.path, run.read(compressed.META))
+        return model.eval(), cfg, spec, kind
     models.load_weights(model, run.require_weights())
     return model.eval(), cfg, spec, kind
 
@@ -110,8 +115,7 @@ def evaluate_run(
         c: (SliceMetrics(c, spec.task, spec.class_names, kind), split_column(bundle, split, c))
         for c in e.slices or []
     }
-    dev = resolve_device(device)
-    model.to(dev)
+    dev = place(model, resolve_device(device))
     size = batch_size or e.batch_size or cfg.train.eval_batch_size or 2 * cfg.train.batch_size
     acc = accumulator(
         spec.task,

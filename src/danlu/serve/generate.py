@@ -31,6 +31,7 @@ from danlu.data.tokenize import TextEncoder
 from danlu.device import resolve_device
 from danlu.errors import ConfigError
 from danlu.evaluate.run import load_model
+from danlu.models.compressed import device_of, place
 from danlu.models.sampling import check_options, left_pad
 from danlu.rundir import RunDir
 
@@ -145,8 +146,7 @@ def generate(
             fix="use num_beams 1 (greedy with temperature 0, or sampling)",
         )
     encoder = TextEncoder.load(run.tokenizer)
-    dev = resolve_device(device)
-    model.to(dev)
+    dev = place(model, resolve_device(device))
     sample = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
     sample |= {"repetition_penalty": repetition_penalty}
     sample["generator"] = torch.Generator(dev).manual_seed(seed)
@@ -235,7 +235,7 @@ def complete(
         return not any(live)
 
     track = stream is not None or bool(stop)
-    device = next(model.parameters()).device
+    device = device_of(model)
     out = model.generate(
         ids.to(device),
         mask.to(device),
@@ -291,7 +291,7 @@ def translate(
         if n > limit:
             log.warning("prompt %d has %d tokens, more than %d: its end is cut", i + 1, n, limit)
     enc = encoder.encode_batch(texts, max_length=limit, truncation="truncate")
-    device = next(model.parameters()).device
+    device = device_of(model)
     if num_beams > 1:  # deterministic: temperature does not apply (top_k etc. are refused)
         sample = {**sample, "temperature": 0.0, "generator": None}
     if max_new_tokens > model.context:  # a target never exceeds the trained length

@@ -28,6 +28,7 @@ from danlu.data.tables import TablePreprocessor, is_table, read_table
 from danlu.errors import DataError
 from danlu.evaluate.metrics import probabilities
 from danlu.evaluate.run import load_model
+from danlu.models.compressed import device_of
 from danlu.rundir import RunDir
 
 KEYS = {"rows": "row", "images": "input", "texts": "text"}  # the results' first column
@@ -246,7 +247,7 @@ class Predictor:
 
     @torch.no_grad()
     def outputs(self, x: torch.Tensor) -> torch.Tensor:
-        device = next(self.model.parameters()).device
+        device = device_of(self.model)
         out = []
         for i in range(0, max(len(x), 1), self.batch_size):  # an empty x still gives (0, K)
             part = x[i : i + self.batch_size].to(device)
