@@ -293,6 +293,8 @@ def linear_equation(run: RunDir) -> str | None:
     cfg = run.load_config()
     if cfg.model.type != "mlp" or cfg.model.hidden_sizes or not run.weights.is_file():
         return None
+    if (run.path / "compression.json").is_file():  # int8 / bf16 weights: no plain line
+        return None
     spec = data.DataSpec.from_dict(run.read("preprocess.json"))
     if spec.task != "regression" or spec.table is None or spec.input_shape != [1]:
         return None

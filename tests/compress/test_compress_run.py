@@ -170,3 +170,35 @@ def test_pruned_variants_shrink_or_sparsify_and_load_through_the_run(blobs_run):
         assert Predictor.load(variant).predict(
             __import__("pandas").DataFrame({"a": [4.0], "b": [4.0], "colour": ["red"]})
         )["label"].tolist() == ["bee"]
+
+
+def test_onnx_variants_run_in_onnx_runtime_with_parity_recorded(blobs_run, tmp_path):
+    variants = [{"name": "onnx", "method": "onnx"}, {"name": "onnx-int8", "method": "onnx_int8"}]
+    result = compress(blobs_run, {"variants": variants}, measure=False)
+    fp32, int8 = result.variants["onnx"], result.variants["onnx-int8"]
+    assert (fp32.path / "model.onnx").is_file() and not (fp32.path / "model.safetensors").exists()
+    assert fp32.read("compression.json")["parity"]["max_abs_diff"] < 1e-4
+    assert int8.read("compression.json")["parity"]["max_abs_diff"] > 0  # int8 is not exact
+    rows = {r["name"]: r for r in result.table["rows"]}
+    assert rows["onnx"]["metric"] == rows["parent"]["metric"]
+    assert rows["onnx-int8"]["file_bytes"] < rows["onnx"]["file_bytes"]
+    from danlu.models.onnx_runtime import OnnxModel
+
+    predictor = Predictor.load(int8)
+    assert isinstance(predictor.model, OnnxModel)
+    frame = predictor.predict(
+        __import__("pandas").DataFrame({"a": [4.0, 0.0], "b": [4.0, 0.0], "colour": ["red"] * 2})
+    )
+    assert frame["label"].tolist() == ["bee", "ant"]
+
+
+def test_export_writes_a_checked_file_and_refuses_unknown_formats(blobs_run, tmp_path):
+    result = danlu.export(blobs_run, "onnx", tmp_path / "out")
+    assert result.path == tmp_path / "out" / "model.onnx" and result.path.is_file()
+    assert result.parity["max_abs_diff"] < 1e-4 and result.parity["inputs"] == 2
+    res = CliRunner().invoke(app, ["export", str(blobs_run.path), "--format", "torchscript"])
+    assert res.exit_code == 0, res.output
+    assert (blobs_run.path / "export" / "model.torchscript.pt").is_file()
+    assert "max |Δ|" in res.output
+    res = CliRunner().invoke(app, ["export", str(blobs_run.path), "--format", "tflite"])
+    assert res.exit_code == 2 and "--format 'tflite' is not an export format" in res.output
