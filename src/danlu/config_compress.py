@@ -58,8 +58,12 @@ class VariantTrain(Section):
 class VariantConfig(Section):
     name: str = Field(pattern=NAME, description="the variant's folder name")
     method: Method
-    group_size: int = Field(128, ge=8, description="int4_weight / int8_weight: inputs per scale")
-    skip: list[str] = Field([], description="quantize: module names (or suffixes) kept in fp32")
+    group_size: int = Field(
+        128, ge=8, description="int4_weight: inputs per scale (32, 64, 128, 256 use fast kernels)"
+    )
+    skip: list[str] = Field(
+        [], description="quantize: modules kept in fp32 (names, containers, suffixes, globs)"
+    )
     amount: float | None = Field(
         None,
         gt=0,
