@@ -126,6 +126,21 @@ def tiny_config(dataset: str, **sections) -> dict:
     return cfg
 
 
+def tiny_gpt_config(folder: Path, steps: int, **model) -> dict:
+    """A character GPT language model on a small repetitive corpus written into `folder`."""
+    corpus = folder / "corpus.txt"
+    corpus.write_text(("the cat sat on the mat. the dog ran to the cat. " * 60) + "\n")
+    cfg = tiny_config(
+        str(corpus),
+        data={"task": "language_modeling", "block_size": 16, "split": {"val": 0.1, "test": 0.1},
+              "tokenizer": {"type": "char"}},
+        model={"type": "gpt", "num_layers": 1, "num_heads": 2, **model},
+        train={"max_steps": steps, "epochs": None},
+    )  # fmt: skip
+    del cfg["model"]["hidden_sizes"]
+    return cfg
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one intra-op thread, above all when other processes share

@@ -207,6 +207,8 @@ def _row(
         "file_bytes": weights_bytes(run.path),
         "parameters": meta.get("parameters_after") or models.count_parameters(model),
         "latency_ms": timing.get("latency_ms", {}),
+        "latency_ms_p90": timing.get("latency_ms_p90", {}),
+        "threads": timing.get("threads"),
         "throughput": timing.get("throughput", {}),
         "metric": _metrics(run, split).get(metric),
         "notes": meta.get("notes", []),
@@ -229,8 +231,9 @@ def export(
     """Write the run's model as ONNX, TorchScript or plain safetensors into `out` (default:
     RUN/export/) and check the file against the model on held-out test inputs (ONNX through
     ONNX Runtime): an export that differs by more than `tolerance` fails."""
-    from danlu.compress.export import FORMATS, parity
+    from danlu.compress.export import FORMATS
     from danlu.compress.export import export as write
+    from danlu.compress.onnx_check import parity
 
     if fmt not in FORMATS:
         raise ConfigError(

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import danlu
-from conftest import tiny_config
+from conftest import tiny_config, tiny_gpt_config
 from danlu.api_compress import compress
 from danlu.cli import app
 from danlu.errors import ConfigError
@@ -77,16 +77,7 @@ def test_complete_variants_are_kept_on_a_rerun_unless_overwritten(blobs_run):
 
 
 def test_a_tied_language_model_shares_its_embedding_and_loads(tmp_path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(("the cat sat on the mat. the dog ran to the cat. " * 60) + "\n")
-    cfg = tiny_config(
-        str(corpus),
-        data={"task": "language_modeling", "block_size": 16, "split": {"val": 0.1, "test": 0.1},
-              "tokenizer": {"type": "char"}},
-        model={"type": "gpt", "num_layers": 1, "num_heads": 2, "dim": 16, "tie_weights": False},
-        train={"max_steps": 10, "epochs": None},
-    )  # fmt: skip
-    del cfg["model"]["hidden_sizes"]
+    cfg = tiny_gpt_config(tmp_path, 10, dim=16, tie_weights=False)
     parent = _train(cfg, "runs/lm")
     result = compress(
         parent, {"variants": [{"name": "tied", "method": "tie_weights"}]}, measure=False

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from danlu import models
-from danlu.compress.export import FILES, export, parity, quantize_onnx
+from danlu.compress.export import FILES, export
+from danlu.compress.onnx_check import parity, quantize_onnx
 from danlu.errors import ConfigError
 
 onnx = pytest.importorskip("onnx")

@@ -259,7 +259,7 @@ def test_quantized_linear_kernel_and_fallback_agree(bits):
 def test_restore_into_another_architecture_fails(gpt, tmp_path):
     state, meta = quantize(gpt, "int8_weight")
     with pytest.raises(
-        CheckpointError, match=r"wrong shape tok_emb.weight \[64, 64\] \(model: \[64, 32\]\)"
+        CheckpointError, match=r"wrong shape: tok_emb.weight \[64, 64\] \(model: \[64, 32\]\)"
     ):
         restore(build({**GPT, "dim": 32}, 1), state, meta)
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import danlu
-from conftest import make_images, tiny_config
+from conftest import make_images, tiny_config, tiny_gpt_config
 from danlu.api_compress import compress
 from danlu.models.quantized import QuantizedLinear
 from danlu.serve.predictor import Predictor
@@ -47,16 +47,7 @@ def test_a_cnn_run_quantized_statically_and_to_bf16_keeps_its_accuracy(idx_folde
 
 
 def test_a_language_model_in_int4_generates_and_scores(tmp_path: Path):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(("the cat sat on the mat. the dog ran to the cat. " * 60) + "\n")
-    cfg = tiny_config(
-        str(corpus),
-        data={"task": "language_modeling", "block_size": 16, "split": {"val": 0.1, "test": 0.1},
-              "tokenizer": {"type": "char"}},
-        model={"type": "gpt", "num_layers": 1, "num_heads": 2, "dim": 32},
-        train={"max_steps": 30, "epochs": None},
-    )  # fmt: skip
-    del cfg["model"]["hidden_sizes"]
+    cfg = tiny_gpt_config(tmp_path, 30, dim=32)
     parent = danlu.train(cfg, run_dir="runs/lm", show_progress=False).run
     variants = [
         {"name": "w4", "method": "int4_weight", "group_size": 32},

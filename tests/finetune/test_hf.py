@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_hf import chat_jsonl, classify, tiny_bert, tiny_llama, topics_csv, transformers  # noqa: F401
 from typer.testing import CliRunner
 
 import danlu
 from danlu.errors import ConfigError
+from tiny_hf import chat_jsonl, classify, tiny_bert, tiny_llama, topics_csv, transformers  # noqa: F401
 
 
 def test_classifier_trains_saves_its_architecture_and_predicts(tiny_bert: Path, tmp_path: Path):

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_hf import classify, tiny_bert, topics_csv  # noqa: F401  (fixtures)
 from typer.testing import CliRunner
 
 import danlu
 from danlu.errors import CheckpointError, ConfigError
 from danlu.merge import merge
 from danlu.models import finetune
+from tiny_hf import classify, tiny_bert, topics_csv  # noqa: F401  (fixtures)
 
 
 def pretrained_state(folder: Path) -> dict[str, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Export a model to a file other runtimes load: ONNX, TorchScript or safetensors.
 
     path = export(model, "onnx", out_dir, example)          # out_dir / "model.onnx"
-    parity(model, path, [x_a, x_b])                          # {"max_abs_diff": 3e-7, ...}
-    quantize_onnx(path, out_dir / "model.int8.onnx")         # dynamic int8 (ONNX Runtime)
+
+The parity check and ONNX Runtime's int8 quantization of an export are in onnx_check.py.
 
 ONNX goes through `torch.onnx.export(dynamo=True)` (torch.export, then ONNX translation) with a
 dynamic batch axis and, for token ids (int64, 2-D), a dynamic sequence axis; the weights stay
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from danlu.errors import CheckpointError, ConfigError, DanluError
+from danlu.errors import ConfigError, DanluError
 from danlu.models.compressed import device_of
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -98,7 +98,7 @@ def export(model: nn.Module, fmt: str, out_dir: Path, example: torch.Tensor) -> 
     model.eval()
     try:
         _check_runs(model, example)
-        with _staging(out_dir, FILES[fmt]) as tmp:
+        with staging(out_dir, FILES[fmt]) as tmp:
             WRITERS[fmt](model, example, tmp / FILES[fmt])
     finally:
         model.train(was_training)
@@ -116,13 +116,13 @@ def _check_runs(model: nn.Module, example: torch.Tensor) -> None:
     except Exception as e:
         raise ConfigError(
             f"the model cannot run on the export example of shape {tuple(example.shape)}: "
-            f"{_first_line(e)}",
+            f"{first_line(e)}",
             fix="export with an example batch from the run's data",
         ) from e
 
 
 @contextlib.contextmanager
-def _staging(out_dir: Path, name: str) -> Iterator[Path]:
+def staging(out_dir: Path, name: str) -> Iterator[Path]:
     """A temporary folder inside out_dir; its files move to out_dir when the block succeeds,
     the main file `name` last (an ONNX external-data file is in place before the model)."""
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp"))
@@ -137,12 +137,12 @@ def _staging(out_dir: Path, name: str) -> Iterator[Path]:
 def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
     from torch.export import Dim
 
-    onnx = _require("onnx")
-    _require("onnxscript")
+    onnx = require("onnx")
+    require("onnxscript")
     axes = (0, 1) if example.dtype == torch.int64 and example.dim() == 2 else (0,)  # ids: (N, T)
     size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
     try:
-        with GeneralPath(), _quiet():
+        with GeneralPath(), quiet():
             program = torch.onnx.export(
                 OneInput(model),
                 (example,),
@@ -166,7 +166,7 @@ def _write_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     """The exporter's and quantizer's prints, warnings and log lines below ERROR off (e.g.
     "torchvision is not installed"); their errors still raise."""
     disabled = logging.root.manager.disable
@@ -271,7 +271,7 @@ def describe_failure(e: BaseException) -> str:
         file, line, code = call.groups()
         return f"{kind} `{code.strip()}` ({Path(file).name}:{line})"
     root = chain[-1]
-    summary = f"{type(root).__name__}: {_first_line(root)}"
+    summary = f"{type(root).__name__}: {first_line(root)}"
     frame = _model_frame(root)
     return f"{summary} at {frame}" if frame else summary
 
@@ -283,7 +283,7 @@ def _chain(e: BaseException) -> list[BaseException]:
     return out
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     summary = next((ln for ln in lines if ln.startswith("<class")), None)
     return (summary or (lines[0] if lines else "")).split(">: ", 1)[-1][:300]
@@ -301,136 +301,7 @@ def _model_frame(e: BaseException) -> str | None:
     return f"{Path(f.filename).name}:{f.lineno} `{(f.line or '').strip()}`"
 
 
-# -------------------------------------------------------------------------------- parity
-
-
-def parity(
-    model: nn.Module, path: Path, inputs: list[torch.Tensor], *, tolerance: float = 1e-3
-) -> dict[str, float]:
-    """Compare the torch model with the exported file on held-out batches: max and mean
-    absolute difference of the outputs, argmax agreement (outputs with a last axis > 1, e.g.
-    (N, C) class scores) and the number of batches. Raises ConfigError above `tolerance`."""
-    path = Path(path)
-    assert inputs, "parity needs at least one input batch"
-    run = _runner(model, path)
-    was_training = model.training
-    model.eval()
-    try:
-        pairs = [(_torch_output(model, x), run(x)) for x in inputs]
-    finally:
-        model.train(was_training)
-    result = _compare(pairs)
-    if not result["max_abs_diff"] <= tolerance:  # NaN fails too
-        raise ConfigError(
-            f"the exported {path.name} does not reproduce the torch model: max abs diff "
-            f"{result['max_abs_diff']:.3g} > tolerance {tolerance:g} on {len(inputs)} held-out "
-            "batches",
-            fix="export again with another --format, or raise the tolerance if the difference "
-            "is expected (e.g. int8)",
-        )
-    return result
-
-
-@torch.no_grad()
-def _torch_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model(x.to(device_of(model))).float().cpu()
-
-
-def _runner(model: nn.Module, path: Path):
-    """A function input → float32 CPU output for the exported file at `path`."""
-    if not path.is_file():
-        raise CheckpointError(f"exported file '{path}' not found", fix="export the model first")
-    if path.suffix == ".onnx":
-        from danlu.models.onnx_runtime import OnnxModel
-
-        session = OnnxModel(path)
-        return lambda x: session(x.cpu())
-    if path.name.endswith(".pt"):
-        loaded = torch.jit.load(str(path), map_location=device_of(model))
-        return lambda x: _torch_output(loaded, x)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        from danlu.models import restore
-
-        clone = copy.deepcopy(model).eval()
-        restore(clone, load_file(str(path)))
-        return lambda x: _torch_output(clone, x)
-    raise ConfigError(f"cannot check '{path.name}'", fix="give a .onnx, .pt or .safetensors file")
-
-
-def _compare(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    diffs = []
-    agree = total = 0
-    for ref, out in pairs:
-        if ref.shape != out.shape:
-            raise ConfigError(
-                f"the exported file gives outputs of shape {tuple(out.shape)}, the torch model "
-                f"{tuple(ref.shape)}",
-                fix="export again from the same model",
-            )
-        diffs.append((ref - out).abs().flatten())
-        if ref.dim() >= 2 and ref.shape[-1] > 1:
-            agree += int((ref.argmax(-1) == out.argmax(-1)).sum())
-            total += ref.argmax(-1).numel()
-    diff = torch.cat(diffs)
-    result = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean())}
-    if total:
-        result["argmax_agreement"] = agree / total
-    return result | {"inputs": len(pairs)}
-
-
-# ---------------------------------------------------------------------------- quantization
-
-
-def quantize_onnx(src: Path, dst: Path) -> Path:
-    """Dynamic int8 quantization (ONNX Runtime): int8 weights, activations quantized per call.
-    The model is pre-processed first (shape inference, graph optimization); when that fails,
-    the exporter's recorded intermediate shapes are dropped instead."""
-    src, dst = Path(src), Path(dst)
-    if not src.is_file():
-        raise CheckpointError(f"ONNX model '{src}' not found", fix="export the model first")
-    _require("onnx")
-    _require("onnxruntime")
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with _staging(dst.parent, dst.name) as tmp, _quiet():
-        error: Exception | None = None
-        for prepare in (_pre_process, _drop_shapes):  # pre-processing fails on some graphs
-            try:
-                prepare(src, tmp / "pre.onnx")
-                quantize_dynamic(tmp / "pre.onnx", tmp / dst.name, weight_type=QuantType.QInt8)
-                break
-            except Exception as e:  # onnx / onnxruntime raise many kinds
-                error = e
-        else:
-            raise ConfigError(
-                f"ONNX Runtime cannot quantize '{src.name}': {_first_line(error)}",
-                fix="keep the fp32 ONNX export, or quantize in torch (int8_weight)",
-            ) from error
-        (tmp / "pre.onnx").unlink()
-    return dst
-
-
-def _pre_process(src: Path, dst: Path) -> None:
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    # onnx shape inference and graph optimization; the symbolic shape inference is skipped:
-    # it fails on transformers' graphs, leaving a sym_shape_infer_temp.onnx in the cwd
-    quant_pre_process(src, dst, skip_symbolic_shape=True)
-
-
-def _drop_shapes(src: Path, dst: Path) -> None:
-    """Without the recorded intermediate shapes, which can disagree with what the quantizer
-    infers ("Inferred shape and existing shape differ")."""
-    import onnx
-
-    proto = onnx.load(str(src))
-    del proto.graph.value_info[:]
-    onnx.save(proto, str(dst))
-
-
-def _require(package: str) -> Any:
+def require(package: str) -> Any:
     import importlib
 
     try:

@@ -75,6 +75,7 @@ def _lineage_fields(job: Job) -> dict[str, Any]:
         "weights_sha256": sha256_file(job.parent.weights),
     }
     return {
+        "run": job.target.name,
         "kind": "compressed",
         "parent": parent,
         "variant": job.v.model_dump(exclude_defaults=True),
@@ -124,7 +125,7 @@ def _trained(job: Job, meta: dict, *, model_cfg=None, recovery: bool, **train_kw
     train["schedule"] = {**base.schedule.model_dump(), "warmup_steps": warmup}
     train["early_stopping"] = None
     vcfg = _variant_config(job, model=model_cfg, train=train)
-    run = job.train(vcfg, run_dir=job.target, show_progress=False, **train_kwargs).run
+    run = job.train(vcfg, run_dir=job.target, **train_kwargs).run
     run.write("lineage.json", {**run.read("lineage.json"), **_lineage_fields(job)})
     _finish(run, job, meta)
 
@@ -150,7 +151,8 @@ def _quantize(job: Job) -> None:
         key=job.key,
     )  # fmt: skip
     write = lambda tmp: save_safetensors(tmp / "model.safetensors", state)  # noqa: E731
-    _post_training(job, {"format": "quantized", **meta}, write)
+    meta = {"format": "quantized", **meta, "parameters_after": models.count_parameters(model)}
+    _post_training(job, meta, write)
 
 
 def _native_bf16() -> bool:
@@ -165,8 +167,15 @@ def _prune(job: Job) -> None:
     model = load_model(job.parent)[0]
     before = models.count_parameters(model)
     model, meta = prune(model, job.v.method, amount=job.v.amount, scope=job.v.scope, key=job.key)
-    meta = {"format": "pruned" if meta.get("shrinks", True) else "plain", **meta}
-    meta |= {"parameters_before": before, "parameters_after": models.count_parameters(model)}
+    meta = {"format": "pruned" if meta["shrinks"] else "plain", **meta}
+    after = models.count_parameters(model)
+    meta |= {"parameters_before": before, "parameters_after": after}
+    if meta["shrinks"]:
+        note = f"{1 - after / before:.0%} of the parameters removed"
+    else:
+        note = f"{meta['sparsity']:.0%} of the pruned weights are zero; the file stays dense"
+    recovery = " (before recovery)" if job.v.train is not None else ""
+    meta["notes"] = [note + recovery]
     if job.v.train is None:
         _post_training(job, meta, lambda tmp: _save(model, tmp))
     else:
@@ -240,7 +249,8 @@ def _tie(job: Job) -> None:
 
 
 def _export(job: Job) -> None:
-    from danlu.compress.export import export, parity, quantize_onnx
+    from danlu.compress.export import export
+    from danlu.compress.onnx_check import parity, quantize_onnx
 
     if job.cfg.data.task in GENERATING:
         raise ConfigError(
@@ -250,7 +260,7 @@ def _export(job: Job) -> None:
         )
     model = load_model(job.parent)[0]
     held_out = [job.example[:3], job.example]
-    meta: dict[str, Any] = {"format": "onnx"}
+    meta: dict[str, Any] = {"format": "onnx", "parameters_after": models.count_parameters(model)}
 
     def write(tmp: Path) -> None:
         path = export(model, "onnx", tmp, job.example[:2])

@@ -114,7 +114,7 @@ def family(model: nn.Module, configured: str) -> str:
     masked LM), gpt (a causal LM), seq2seq; other families are themselves."""
     if configured != "hf":
         return configured
-    kind = hf.unwrap(model).kind
+    kind = getattr(hf.unwrap(model), "kind", None)  # None: an ONNX Runtime session
     return {"masked_lm": "bert", "language_modeling": "gpt", "seq2seq": "seq2seq"}.get(kind, "hf")
 
 
@@ -172,7 +172,18 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read weights '{path}' ({e})") from None
-    expected = state_for_saving(model)
+    problem = mismatch(state_for_saving(model), state)
+    if problem:
+        raise CheckpointError(
+            f"weights '{path}' do not fit the model built from the run's config ({problem})",
+            fix="the config.yaml or weights were changed after training",
+        )
+    restore(model, state)
+    return model
+
+
+def mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from loading into a model whose state is `expected`, or None."""
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     wrong = [
@@ -180,15 +191,12 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         for k, v in expected.items()
         if k in state and state[k].shape != v.shape
     ]
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"weights '{path}' do not fit the model built from the run's config "
-            f"(missing: {', '.join(missing[:5]) or 'none'}; unexpected: "
-            f"{', '.join(unexpected[:5]) or 'none'}; wrong shape: {', '.join(wrong[:5]) or 'none'})",
-            fix="the config.yaml or weights were changed after training",
-        )
-    restore(model, state)
-    return model
+    if not (missing or unexpected or wrong):
+        return None
+    return (
+        f"missing: {', '.join(missing[:5]) or 'none'}; unexpected: "
+        f"{', '.join(unexpected[:5]) or 'none'}; wrong shape: {', '.join(wrong[:5]) or 'none'}"
+    )
 
 
 # ------------------------------------------------------------- starting from a pretraining run

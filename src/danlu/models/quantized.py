@@ -183,22 +183,14 @@ def mismatch(what: str) -> CheckpointError:
 def _load_fp32(model: nn.Module, state: dict[str, torch.Tensor], quantized: tuple[str, ...]):
     """Load the tensors kept in fp32; every weight of the model outside the quantized layers
     must be there (a tied weight once, under its first name)."""
+    from danlu.models import mismatch as state_mismatch
     from danlu.models import state_for_saving
 
     expected = {k: v for k, v in state_for_saving(model).items() if not k.startswith(quantized)}
     rest = {k: v for k, v in state.items() if not k.startswith(quantized)}
-    missing = [k for k in expected if k not in rest]
-    unexpected = [k for k in rest if k not in expected]
-    wrong = [
-        f"{k} {list(rest[k].shape)} (model: {list(v.shape)})"
-        for k, v in expected.items()
-        if k in rest and rest[k].shape != v.shape
-    ]
-    if missing or unexpected or wrong:
-        raise mismatch(
-            f"missing {', '.join(missing[:5]) or 'none'}; unexpected "
-            f"{', '.join(unexpected[:5]) or 'none'}; wrong shape {', '.join(wrong[:3]) or 'none'}"
-        )
+    problem = state_mismatch(expected, rest)
+    if problem:
+        raise mismatch(problem)
     model.load_state_dict(rest, strict=False)
 
 
