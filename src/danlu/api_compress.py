@@ -109,7 +109,10 @@ def compress(
             job = Job(parent, cfg, v, target, calibration, example, train=api.train)
             MAKERS[kind_of(v.method)](job)
         made[v.name] = RunDir.open(target)
-        rows.append(_row(made[v.name], v.name, v.method, load_model(made[v.name])[0], **timing))
+        row = _row(made[v.name], v.name, v.method, load_model(made[v.name])[0], **timing)
+        if row["kind"] in ("quantize", "export") and not row["parameters"]:
+            row["parameters"] = parent_row["parameters"]  # int8 / ONNX: the same weights
+        rows.append(row)
     from danlu.compress.report import tradeoff, write_report
 
     scale = 100.0 if 0 <= (parent_row["metric"] or 0) <= 1 else 1.0

@@ -54,14 +54,13 @@ def compress(
 
 def table(t: dict[str, Any]) -> Table:
     grid = Table(title=f"{t['metric']} on {t.get('split', 'test')} (budget {t['budget']} points)")
-    for col in ("variant", "method", "size", "params", "ms @1", "/s @32", t["metric"], "Δ"):
-        grid.add_column(col, justify="left" if col in ("variant", "method") else "right")
+    for col in ("variant", "size", "params", "ms @1", "/s @32", t["metric"], "Δ"):
+        grid.add_column(col, justify="left" if col == "variant" else "right", no_wrap=True)
     for r in t["rows"]:
         metric, delta = r.get("metric"), r.get("delta")
         ok = r.get("within_budget")
         grid.add_row(
             escape(r["name"]),
-            escape(r["method"]),
             _size(r.get("file_bytes")),
             f"{r['parameters']:,}" if r.get("parameters") else "-",
             _num(r.get("latency_ms", {}).get("1"), ".2f"),
