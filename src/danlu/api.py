@@ -37,6 +37,7 @@ from danlu.config import Config
 from danlu.errors import ConfigError, DataError
 from danlu.evaluate.metrics import metric_names
 from danlu.evaluate.run import build_data, evaluate_run
+from danlu.manifest import write_manifest
 from danlu.models import finetune
 from danlu.rundir import RunDir, atomic_write_text, now, start_lineage, update_lineage
 from danlu.serve.predictor import Predictor
@@ -253,6 +254,7 @@ def pretrain(
     """Pretrain from scratch (causal LM, masked LM or seq2seq on a corpus or on pairs): the
     same `train`, refusing configs whose objective is not a pretraining one. The run holds the
     tokenizer, weights and config that `model.init_from: runs/<name>` starts a fine-tune from."""
+    write_manifest(run.path)  # every file of the finished run, with its SHA-256
     return train(config, overrides, pretraining=True, **kwargs)
 
 

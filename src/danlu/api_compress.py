@@ -30,6 +30,7 @@ from danlu.config_compress import CompressConfig, VariantConfig, kind_of
 from danlu.errors import ConfigError
 from danlu.evaluate.metrics import headline, lower_is_better
 from danlu.evaluate.run import build_data, evaluate_run, load_model
+from danlu.manifest import update_manifest, write_manifest
 from danlu.models import compressed
 from danlu.rundir import RunDir, now
 
@@ -108,6 +109,7 @@ def compress(
 
             job = Job(parent, cfg, v, target, calibration, example, train=api.train)
             MAKERS[kind_of(v.method)](job)
+            write_manifest(target)
         made[v.name] = RunDir.open(target)
         row = _row(made[v.name], v.name, v.method, load_model(made[v.name])[0], **timing)
         if row["kind"] in ("quantize", "export") and not row["parameters"]:
@@ -125,7 +127,9 @@ def compress(
         scale=scale,
     )
     table |= {"split": split, "parent": str(parent.path), "created": now()}
-    _, html = write_report(table, parent.path, title=f"Compression of {cfg.name}")
+    report, html = write_report(table, parent.path, title=f"Compression of {cfg.name}")
+    inside = root.resolve().is_relative_to(parent.path.resolve())
+    update_manifest(parent.path, [report, html, *([root] if inside else [])])
     return CompressResult(parent, made, table, html)
 
 
@@ -257,5 +261,7 @@ def export(
     folder = Path(out) if out is not None else source.path / "export"
     folder.mkdir(parents=True, exist_ok=True)
     path = write(model, fmt, folder, example[:2])
+    if folder.resolve().is_relative_to(source.path.resolve()):
+        update_manifest(source.path, [folder])
     checked = {} if fmt == "safetensors" else parity(model, path, [example[:3], example], tolerance=tolerance)  # fmt: skip
     return ExportResult(path, checked)

@@ -33,6 +33,7 @@ from danlu.config_models import (  # noqa: F401  (the whole schema is importable
     Section,
     Seq2SeqConfig,
 )
+from danlu.config_privacy import PIIConfig, PrivacyConfig
 from danlu.errors import ConfigError
 
 EXAMPLES_DIR = Path(__file__).parent / "configs"
@@ -149,6 +150,8 @@ class DataConfig(Section):
     download: bool = Field(True, description="download built-in datasets missing locally")
     check: CheckConfig = CheckConfig()
     sufficiency: SufficiencyConfig = SufficiencyConfig()
+    redact_pii: bool = Field(False, description="replace PII with typed placeholders first")
+    pii: PIIConfig = PIIConfig()
 
 
 # --------------------------------------------------------------------------------- train
@@ -229,6 +232,7 @@ class TrainConfig(Section):
     )
     early_stopping: EarlyStoppingConfig | None = None
     tensorboard: bool = True
+    privacy: PrivacyConfig | None = Field(None, description="differential privacy (Opacus)")
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:

@@ -21,6 +21,7 @@ from typing import Any
 from danlu import _api_package
 from danlu.errors import ConfigError
 from danlu.evaluate.run import evaluate_run
+from danlu.manifest import write_manifest
 from danlu.rundir import (
     RunDir,
     atomic_write_text,
@@ -113,6 +114,7 @@ def ensemble(
             },
         )
         update_lineage(staged_run, status="completed", ended=now())
+        write_manifest(tmp)
     run = RunDir.open(target)
     metrics = evaluate_run(run) if evaluate else {}
     return EnsembleResult(run, metrics)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from danlu.data import builtin, prepare, prepare_text
+from danlu.data import builtin, pii_scan, prepare, prepare_text
 from danlu.data.hf import hf_dataset
 from danlu.data.images import (
     RawImages,
@@ -34,7 +34,7 @@ from danlu.data.text import (
     text_table,
     texts_of,
 )
-from danlu.errors import DataError
+from danlu.errors import ConfigError, DataError
 
 __all__ = ["DataBundle", "build", "resolve"]
 
@@ -153,10 +153,18 @@ def build(
     max_words: int | None = None,
     check: dict[str, Any] | None = None,  # read by `danlu data check`, not here
     sufficiency: dict[str, Any] | None = None,  # read by `danlu data check`, not here
+    redact_pii: bool = False,
+    pii: dict[str, Any] | None = None,  # kinds, patterns, columns: see pii_scan.py
     seed: int = 0,
 ) -> DataBundle:
     split = {"val": 0.1, "test": "auto", "stratify": True, "seed": None, **(split or {})}
     image = image or {}
+    pii = {"kinds": None, "patterns": None, "columns": None, **(pii or {})}
+    if task == "chat" and redact_pii:
+        raise ConfigError(
+            "data.redact_pii is not supported with data.task: chat yet",
+            fix="redact the conversations beforehand, or set data.redact_pii: false",
+        )
     if task == "chat":
         from danlu.data.prepare_chat import build_chat
 
@@ -183,6 +191,9 @@ def build(
         target=target,
         encoding_errors=encoding_errors,
     )
+    if redact_pii:  # before anything reads the texts: splits, tokenizer, token cache, hashes
+        names = (text or "source", target or "target")
+        raw, redacted = pii_scan.redact_raw(raw, **pii, names=names)
     opts = dict(
         split=split,
         seed=split["seed"] if split["seed"] is not None else seed,
@@ -224,4 +235,6 @@ def build(
         )
     bundle.augment = augment
     bundle.raw = raw
+    if redact_pii:
+        pii_scan.record(bundle, redacted, pii["kinds"], pii["patterns"])
     return bundle

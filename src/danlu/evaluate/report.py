@@ -17,6 +17,7 @@ from typing import Any
 
 from danlu.errors import ConfigError
 from danlu.evaluate import plots
+from danlu.evaluate.card import CARD_NAME
 from danlu.evaluate.metrics import headline, lower_is_better
 from danlu.evaluate.report_html import (
     RunFiles,
@@ -34,6 +35,7 @@ from danlu.evaluate.report_html import (
     table,
 )
 from danlu.evaluate.report_sections import SECTIONS
+from danlu.manifest import update_manifest
 from danlu.rundir import RunDir, atomic_write_text
 
 log = logging.getLogger("danlu")
@@ -57,6 +59,7 @@ def write_report(run: str | Path | RunDir, split: str | None = None) -> Path:
     path = run.path / "report.html"
     html = page(f"{files.name} · danlu report", _header(files, m, split), sections)
     atomic_write_text(path, html)
+    update_manifest(run.path, [path])
     return path
 
 
@@ -108,6 +111,8 @@ def _header(files: RunFiles, m: dict[str, Any], split: str | None) -> str:
         ("status", f"<span class='status-{esc(status)}'>{esc(status)}</span>"),
         ("run", f"<code>{esc(files.run.path)}</code>"),
     ]
+    if (files.run.path / CARD_NAME).is_file():  # written by `danlu card`, next to this page
+        items.append(("model card", f"<a href='{CARD_NAME}'>{CARD_NAME}</a>"))
     if files.lineage.get("steps") is not None:
         items.insert(3, ("steps", fmt(files.lineage["steps"])))
     name, value = _headline(files, m)

@@ -21,6 +21,7 @@ from danlu.evaluate import artifacts
 from danlu.evaluate.metrics import check_metrics, scalars
 from danlu.evaluate.streaming import SliceMetrics, accumulator
 from danlu.evaluate.tokens import generation_scores, objective_name, token_outputs
+from danlu.manifest import update_manifest
 from danlu.models import compressed
 from danlu.models.compressed import place
 from danlu.rundir import RunDir, now
@@ -162,6 +163,7 @@ def evaluate_run(
     results["split"] = split
     results["evaluated"] = now()
     run.update_metrics(split, results)
+    update_manifest(run.path, [run.metrics])
     return results
 
 

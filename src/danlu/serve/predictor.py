@@ -200,12 +200,33 @@ class Predictor:
 
     def tensor(self, raw: Inputs) -> torch.Tensor:
         """Sorted raw inputs → the model's input (before `transform`)."""
+        raw = self.redacted(raw)
         if raw.kind == "rows":
             return self.spec.table_features(raw.items, raw.origin)  # (N, F)
         if raw.kind == "images":
             return self.spec.image_pixels(raw.items)  # (N, C, H, W) uint8
         ids = self.encoder.encode_batch(raw.items, first_index=raw.start).ids
         return torch.from_numpy(ids)  # (N, T)
+
+    def redacted(self, raw: Inputs) -> Inputs:
+        """Inputs with PII replaced as in training (`data.redact_pii`), so a model never sees
+        at prediction what it was kept from at training."""
+        section = self.spec.table if raw.kind == "rows" else self.spec.text
+        settings = (section or {}).get("redact_pii")
+        if not settings or raw.kind == "images":
+            return raw
+        from danlu.data.pii import detector
+
+        clean = detector(settings["kinds"], settings["patterns"]).redact
+        if raw.kind == "texts":
+            return Inputs(
+                raw.kind, [clean(t)[0] for t in raw.items], raw.names, raw.origin, raw.start
+            )
+        rows = raw.items.copy()
+        for col in settings.get("columns", []):
+            if col in rows and rows[col].dtype == object:
+                rows[col] = rows[col].map(lambda v: clean(v)[0] if isinstance(v, str) else v)
+        return Inputs(raw.kind, rows, raw.names, raw.origin, raw.start)
 
     @cached_property
     def encoder(self) -> Any:
@@ -232,7 +253,7 @@ class Predictor:
         from danlu.models.sampling import left_pad
         from danlu.serve.generate import chat_prompts, prompt_ids
 
-        texts, end = raw.items, None
+        texts, end = self.redacted(raw).items, None
         if self.spec.task == "chat":
             texts, end = chat_prompts(self.run, self.spec, texts)
         context = getattr(self.model, "context", None)
