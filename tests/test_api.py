@@ -31,7 +31,7 @@ def test_import_is_light_and_exports_the_verbs():
     code = "import sys, danlu; print('torch' in sys.modules, sorted(danlu.__all__))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == (
-        "False ['compare', 'compress', 'data_check', 'ensemble', 'evaluate', 'explain', "
+        "False ['audit', 'card', 'compare', 'compress', 'data_check', 'ensemble', 'evaluate', 'explain', "
         "'export', 'generate', 'load_config', 'predict', 'pretrain', 'report', 'train']"
     )
 

@@ -22,6 +22,8 @@ __version__ = "0.1.0"
 for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 __all__ = [
+    "audit",
+    "card",
     "compare",
     "compress",
     "data_check",
@@ -66,6 +68,14 @@ def __getattr__(name: str) -> Any:
         from danlu.evaluate import report
 
         return {"report": report.write_report, "compare": report.write_comparison}[name]
+    if name == "audit":
+        from danlu.api_audit import audit
+
+        return audit
+    if name == "card":
+        from danlu.evaluate.card import write_card
+
+        return write_card
     if name == "export":
         from danlu.api_compress import export
 

@@ -41,7 +41,7 @@ from danlu.manifest import write_manifest
 from danlu.models import finetune
 from danlu.rundir import RunDir, atomic_write_text, now, start_lineage, update_lineage
 from danlu.serve.predictor import Predictor
-from danlu.train import loop
+from danlu.train import loop, privacy
 from danlu.train.objectives import TokenObjective, build_objective, sample_weights
 
 log = logging.getLogger("danlu")
@@ -152,6 +152,12 @@ def train(
     train_y = getattr(bundle.splits["train"], "y", None)
     if t.sampler == "weighted" and spec.task != "classification":
         raise ConfigError("train.sampler: weighted needs a classification task")
+    private = None
+    if t.privacy is not None:  # DP-SGD: checked (and LSTMs swapped) before the run exists
+        private = privacy.prepare(
+            model, train=t.model_dump(), model_cfg=model_cfg, task=spec.task,
+            examples=len(bundle.splits["train"]),
+        )  # fmt: skip
     if run is None:
         run = RunDir.create(cfg, run_dir)
     run.write("data_card.json", bundle.card)
@@ -176,7 +182,7 @@ def train(
     train_loader = bundle.loader(
         "train",
         t.batch_size,
-        order=t.sampler,
+        order=t.sampler if private is None else "poisson",
         seed=cfg.seed,
         train=True,
         device=device,
@@ -194,11 +200,14 @@ def train(
                 "parameters": total,
                 "trainable_parameters": trainable,
                 "data_sizes": bundle.card["sizes"],
+                **({"privacy": private.summary(private.planned_steps)} if private else {}),
             },
         )
     else:
         lineage = run.read("lineage.json")
         update_lineage(run, status="running", resumes=[*lineage.get("resumes", []), now()])
+        if private is not None and lineage.get("privacy"):  # keep the σ the run started with
+            private.noise_multiplier = lineage["privacy"]["noise_multiplier"]
     try:
         result = loop.fit(
             model,
@@ -225,6 +234,7 @@ def train(
             resume=resume is not None,
             metric_names=metric_names(spec.task, spec.num_classes),
             show_progress=show_progress,
+            privacy=private,
         )
     except loop.TrainingInterrupted:
         update_lineage(run, status="interrupted", ended=now())
@@ -242,7 +252,9 @@ def train(
         train_seconds=round(result.seconds, 2),
         best={"metric": result.monitor, "value": result.best_value, "step": result.best_step},
         stopped_early=result.stopped_early,
+        **({"privacy": private.summary(result.step)} if private else {}),
     )
+    write_manifest(run.path)  # every file of the finished run, with its SHA-256
     return TrainResult(run, cfg, result, linear_equation(run))
 
 
@@ -254,7 +266,6 @@ def pretrain(
     """Pretrain from scratch (causal LM, masked LM or seq2seq on a corpus or on pairs): the
     same `train`, refusing configs whose objective is not a pretraining one. The run holds the
     tokenizer, weights and config that `model.init_from: runs/<name>` starts a fine-tune from."""
-    write_manifest(run.path)  # every file of the finished run, with its SHA-256
     return train(config, overrides, pretraining=True, **kwargs)
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+POISSON = 2**40  # offsets the Poisson draws' seeds from the augmentation generator's
+
 
 @dataclass
 class Split:
@@ -45,7 +47,9 @@ class BatchLoader:
     """Deterministic, resumable batches over a Split.
 
     order: "shuffle" (a fresh permutation per epoch), "weighted" (sampling with replacement by
-    `weights`, for class imbalance) or "sequential".
+    `weights`, for class imbalance), "sequential", or "poisson" (differential privacy: each
+    batch takes every example independently with probability batch_size / N, so its size
+    varies and may be 0; batch b of epoch e is drawn from a generator seeded by (seed, e, b)).
 
     Padded token ids (`pad_id` given): each batch is cut to its longest row, so a batch of
     short texts costs what short texts cost. `group_by_length` (with "shuffle") draws batches
@@ -82,8 +86,9 @@ class BatchLoader:
         self.group_by_length = group_by_length and order == "shuffle" and self.lengths is not None
         # a last batch of one example breaks BatchNorm in training: drop_last="single" skips it
         n = len(split)
-        self.drop_last = (drop_last is True and n >= batch_size) or (
-            drop_last == "single" and n > 1 and n % batch_size == 1
+        self.drop_last = order != "poisson" and (
+            (drop_last is True and n >= batch_size)
+            or (drop_last == "single" and n > 1 and n % batch_size == 1)
         )
 
     def __len__(self) -> int:
@@ -115,10 +120,20 @@ class BatchLoader:
 
     def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[Batch]:
         """The batches of one epoch, beginning at batch `start`."""
+        if self.order == "poisson":
+            for b in range(start, len(self)):
+                yield self.make(self.poisson_rows(epoch, b), epoch, b)
+            return
         order = self.order_of(epoch)
         for b in range(start, len(self)):
             rows = order[b * self.batch_size : (b + 1) * self.batch_size]
             yield self.make(rows, epoch, b)
+
+    def poisson_rows(self, epoch: int, b: int) -> torch.Tensor:
+        """Batch b of an epoch under Poisson sampling: each row with probability batch_size / N."""
+        n = len(self.split)
+        g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_000_003 + b + POISSON)
+        return (torch.rand(n, generator=g) < self.batch_size / max(n, 1)).nonzero().squeeze(1)
 
     def make(self, rows: torch.Tensor, epoch: int = 0, b: int = 0) -> Batch:
         x = self.split.x[rows].to(self.device, non_blocking=True)

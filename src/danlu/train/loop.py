@@ -10,6 +10,8 @@ scored; the best weights by `monitor` become model.safetensors; early stopping c
 evaluations without improvement. Checkpoints hold everything needed to continue exactly
 (model, optimizer, schedule, RNG, data position), so `resume=True` after a crash ends with the
 same weights as an uninterrupted run. SIGINT/SIGTERM finish the step, checkpoint and stop.
+`privacy` (a train.privacy.PrivateTraining) makes each step DP-SGD: per-example clipping and
+noise in the optimizer, ε in the history lines.
 """
 
 from __future__ import annotations
@@ -103,9 +105,10 @@ def fit(
     resume: bool = False,
     metric_names: list[str] | None = None,
     show_progress: bool | None = None,
+    privacy: Any = None,
 ) -> FitResult:
     dev = resolve_device(device)
-    prec = resolve_precision(precision, dev)
+    prec = "fp32" if privacy is not None else resolve_precision(precision, dev)
     has_val = val_loader is not None and len(val_loader.split) > 0
     monitor = _check_monitor(monitor, has_val, metric_names)
     stop_metric = _check_monitor(
@@ -118,6 +121,8 @@ def fit(
     per_epoch = math.ceil(len(train_loader) / grad_accum)
     total = max_steps or (epochs or 1) * per_epoch
     opt = build_optimizer(model, **(optimizer or {"name": "adamw", "lr": 1e-3}))
+    if privacy is not None:
+        opt = privacy.attach(model, opt)
     sched = Schedule(
         opt, total_steps=total, lower_is_better=lower_is_better(monitor), **(schedule or {})
     )
@@ -129,7 +134,7 @@ def fit(
         resumed_from = state.step
         trim_history(run, state.step)
     sched.apply(state.step)
-    log = RunLog(
+    log = (RunLog if privacy is None else privacy.run_log)(
         run, total_steps=total, start_step=state.step, tensorboard=tensorboard, show=show_progress
     )
     loop = _Loop(
@@ -161,9 +166,10 @@ def fit(
             f"({len(train_loader)} batches per epoch, {per_epoch} steps per epoch)"
         )
         model.train()
+        step = train_step if privacy is None else privacy.step
         while not loop.done:
             for micro in _groups(train_loader, state, grad_accum):
-                loss = train_step(model, objective, micro, opt, dev, prec, grad_clip, l1)
+                loss = step(model, objective, micro, opt, dev, prec, grad_clip, l1)
                 loop.after_step(micro, loss)
                 if signals.received:
                     loop.checkpoint()
@@ -171,6 +177,8 @@ def fit(
                 if loop.done:
                     break
         loop.finish()
+        if privacy is not None:
+            log.note(privacy.describe(state.step))
     return FitResult(
         state.step,
         state.epoch,
