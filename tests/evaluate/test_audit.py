@@ -278,3 +278,14 @@ def test_bad_input_is_refused(overfit, tmp_path):
     few.write_text(few.read_text().replace("c0", "c1", 3))
     with pytest.raises(DataError, match=r"changed since run .* was trained"):
         audit(moved)
+
+
+def test_the_public_audit_pins_its_files_and_the_report_shows_it(overfit, tmp_path):
+    run = RunDir(shutil.copytree(overfit.path, tmp_path / "copy"))
+    result = danlu.audit(run, samples=100)
+    manifest = json.loads((run.path / "manifest.json").read_text())
+    assert {"audit.json", "audit.html"} <= set(manifest["files"])
+    from danlu.evaluate.report import write_report
+
+    html = write_report(run).read_text()
+    assert "membership" in html.lower() and f"{result['loss']['auc']:.3f}"[:4] in html

@@ -36,7 +36,7 @@ from danlu.evaluate.report_html import (
 )
 from danlu.evaluate.report_sections import SECTIONS
 from danlu.manifest import update_manifest
-from danlu.rundir import RunDir, atomic_write_text
+from danlu.rundir import RunDir, atomic_write_text, read_json
 
 log = logging.getLogger("danlu")
 
@@ -56,6 +56,10 @@ def write_report(run: str | Path | RunDir, split: str | None = None) -> Path:
         body = _render(render, files, m, sid)
         if body:
             sections.append((sid, title, body, "" if sid in RUN_WIDE else f"{split} split"))
+    if (run.path / "audit.json").is_file():  # written by `danlu audit`: run-wide
+        from danlu.evaluate.audit_html import report_section
+
+        sections.append((*report_section(read_json(run.path / "audit.json")), ""))
     path = run.path / "report.html"
     html = page(f"{files.name} · danlu report", _header(files, m, split), sections)
     atomic_write_text(path, html)
