@@ -290,9 +290,10 @@ def verify(run_path: str | Path, pubkey: str | Path | None = None) -> dict[str, 
     if problems:
         n = len(diff["problems"])
         counts = ", ".join(f"{len(diff[k])} {k}" for k in ("changed", "missing", "added"))
+        total = f"{n} file{'' if n == 1 else 's'} differ{'s' if n == 1 else ''} in total ({counts})"
         raise IntegrityError(
-            f"run '{root}' failed verification: {problems[0][0]}; "
-            f"{n} file{'' if n == 1 else 's'} differ{'s' if n == 1 else ''} in total ({counts})",
+            f"run '{root}' failed verification: {problems[0][0]}"
+            + (f"; {total}" if n else "; every file matches the manifest"),
             fix=problems[0][1],
             problems=[p for p, _ in problems],
         )
