@@ -125,13 +125,7 @@ def train(
             "seq2seq (pairs)",
         )
     kind = models.output_kind(spec.task, model_cfg["output"])
-    model = models.build(
-        model_cfg,
-        input_shape=spec.input_shape,
-        task=spec.task,
-        num_classes=spec.num_classes,
-        text=spec.text,
-    )
+    model = models.build_for(model_cfg, spec)
     t = cfg.train
     if given is not None:
         model = given

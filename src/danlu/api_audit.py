@@ -40,13 +40,7 @@ def fit_shadow(cfg: Any, bundle: Any, *, steps: int, seed: int) -> torch.nn.Modu
     seed_everything(seed)
     spec, t, model_cfg = bundle.spec, cfg.train, cfg.model.model_dump()
     kind = models.output_kind(spec.task, model_cfg["output"])
-    model = models.build(
-        model_cfg,
-        input_shape=spec.input_shape,
-        task=spec.task,
-        num_classes=spec.num_classes,
-        text=spec.text,
-    )
+    model = models.build_for(model_cfg, spec)
     if model_cfg.get("init_from"):  # a fine-tune starts where its run started
         models.load_backbone(model, RunDir.open(model_cfg["init_from"]).weights, "the base run")
     family = models.family(model, model_cfg["type"])

@@ -188,10 +188,7 @@ def _distill(job: Job) -> None:
     teacher, _, spec, _ = load_model(job.parent)
     model_cfg = student_config(job.cfg.model.model_dump(), job.v.student or {}, job.key)
     _variant_config(job, model=model_cfg)  # the student's keys are checked before building
-    student = models.build(
-        model_cfg, input_shape=spec.input_shape, task=spec.task, num_classes=spec.num_classes,
-        text=spec.text,
-    )  # fmt: skip
+    student = models.build_for(model_cfg, spec)
     s, t = check_smaller(student, teacher, job.key)
     v = job.v
     meta = {
@@ -221,10 +218,7 @@ def _tie(job: Job) -> None:
         )
     untied, _, spec, _ = load_model(job.parent)
     model_cfg["tie_weights"] = True
-    tied = models.build(
-        model_cfg, input_shape=spec.input_shape, task=spec.task, num_classes=spec.num_classes,
-        text=spec.text,
-    )  # fmt: skip
+    tied = models.build_for(model_cfg, spec)
     weights, seen, keep = untied.state_dict(), set(), {}
     for name, tensor in tied.state_dict().items():  # the output layer keeps the embedding's
         if tensor.data_ptr() not in seen:

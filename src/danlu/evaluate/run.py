@@ -47,14 +47,7 @@ def load_model(run: RunDir) -> tuple[torch.nn.Module, Any, DataSpec, str]:
     quantized = (model_cfg.get("lora") or {}).get("quantize", "none") != "none"
     if model_cfg["type"] == "hf" and not quantized:  # the architecture saved in the run
         model_cfg["pretrained"] = str(run.hf_config)
-    model = models.build(
-        model_cfg,
-        input_shape=spec.input_shape,
-        task=spec.task,
-        num_classes=spec.num_classes,
-        text=spec.text,
-        weights=quantized,
-    )
+    model = models.build_for(model_cfg, spec, weights=quantized)
     if quantized and model_cfg.get("init_from"):
         models.load_backbone(model, RunDir.open(model_cfg["init_from"]).weights, "the base run")
     model = models.adapt(model, model_cfg)

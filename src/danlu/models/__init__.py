@@ -109,6 +109,18 @@ def build(
     )
 
 
+def build_for(model_cfg: dict[str, Any], spec: Any, *, weights: bool = True) -> nn.Module:
+    """`build` with the shapes a data spec records (input shape, task, classes, text)."""
+    return build(
+        model_cfg,
+        input_shape=spec.input_shape,
+        task=spec.task,
+        num_classes=spec.num_classes,
+        text=spec.text,
+        weights=weights,
+    )
+
+
 def family(model: nn.Module, configured: str) -> str:
     """The native family an `hf` model behaves like for objectives and generation: bert (a
     masked LM), gpt (a causal LM), seq2seq; other families are themselves."""
