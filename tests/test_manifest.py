@@ -18,6 +18,7 @@ import danlu
 import danlu.cli_integrity  # (registers keygen, sign and verify)
 from conftest import tiny_config
 from danlu import manifest as mf
+from danlu import signing_keys as keys
 from danlu.cli import app
 from danlu.errors import CheckpointError, ConfigError
 from danlu.manifest import IntegrityError
@@ -54,7 +55,7 @@ def run(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def key(tmp_path: Path) -> tuple[Path, Path]:
-    made = mf.keygen(tmp_path / "keys" / "signer")
+    made = keys.keygen(tmp_path / "keys" / "signer")
     return Path(made["private"]), Path(made["public"])
 
 
@@ -97,7 +98,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(run: Path) -> None:
 
 def test_sign_then_verify_names_the_signer(signed: Path, key: tuple[Path, Path]) -> None:
     result = mf.verify(signed, key[1])
-    fp = mf.fingerprint(mf.load_public_key(key[1]))
+    fp = keys.fingerprint(keys.load_public_key(key[1]))
     assert result["signature"] == "valid" and result["key"] == fp
     assert re.fullmatch(r"ed25519:[0-9a-f]{32}", fp)
     assert result["summary"].endswith(f"verified; signature by {fp} valid")
@@ -173,10 +174,10 @@ def test_a_swapped_signature_and_a_wrong_key(
     with pytest.raises(IntegrityError, match=r"does not belong to this manifest.json"):
         mf.verify(signed, key[1])
     mf.sign(signed, key[0])
-    stranger = mf.keygen(tmp_path / "stranger")
+    stranger = keys.keygen(tmp_path / "stranger")
     with pytest.raises(IntegrityError) as e:
         mf.verify(signed, stranger["public"])
-    fp = mf.fingerprint(mf.load_public_key(key[1]))
+    fp = keys.fingerprint(keys.load_public_key(key[1]))
     assert f"manifest.sig was made by key {fp}, not by the given --pubkey " in str(e.value)
     assert f"{stranger['fingerprint']}; every file matches the manifest" in str(e.value)
     assert f"pass the public key whose fingerprint is {fp}" in str(e.value)
@@ -252,15 +253,15 @@ def test_update_manifest_repins_only_what_a_verb_wrote(
 
 
 def test_keygen_writes_a_private_key_only_its_owner_can_read(tmp_path: Path) -> None:
-    made = mf.keygen(tmp_path / "k")
+    made = keys.keygen(tmp_path / "k")
     assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / "k.pub").stat().st_mode) == 0o644
     assert (tmp_path / "k").read_text().startswith("-----BEGIN PRIVATE KEY-----")
     assert (tmp_path / "k.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
-    assert made["fingerprint"] == mf.fingerprint(mf.load_private_key(tmp_path / "k").public_key())
+    assert made["fingerprint"] == keys.fingerprint(keys.load_private_key(tmp_path / "k").public_key())
     with pytest.raises(ConfigError, match=r"'.*k' already exists. choose another --out"):
-        mf.keygen(tmp_path / "k")
-    assert mf.keygen(tmp_path / "k", force=True)["fingerprint"] != made["fingerprint"]
+        keys.keygen(tmp_path / "k")
+    assert keys.keygen(tmp_path / "k", force=True)["fingerprint"] != made["fingerprint"]
 
 
 def write_key(path: Path, key, *, public: bool = False, fmt: str = "pem", password=None) -> Path:
@@ -289,14 +290,14 @@ def test_key_file_errors_are_one_line_each(
     rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
     (tmp_path / "junk").write_text("hello\n")
     cases = [
-        (mf.load_private_key, tmp_path / "absent", "--key '.*absent' not found"),
-        (mf.load_private_key, tmp_path / "junk", "--key '.*junk' is not a usable private key"),
-        (mf.load_private_key, key[1], "is a public key; signing needs the private key"),
-        (mf.load_private_key, write_key(tmp_path / "rsa", rsa_key), "is a RSA key; danlu signs"),
-        (mf.load_public_key, tmp_path / "absent", "--pubkey '.*absent' not found"),
-        (mf.load_public_key, tmp_path / "junk", "--pubkey '.*junk' is not a PEM public key"),
-        (mf.load_public_key, key[0], "is a private key; verifying needs the public key"),
-        (mf.load_public_key, write_key(tmp_path / "r.pub", rsa_key, public=True), "is a RSA key"),
+        (keys.load_private_key, tmp_path / "absent", "--key '.*absent' not found"),
+        (keys.load_private_key, tmp_path / "junk", "--key '.*junk' is not a usable private key"),
+        (keys.load_private_key, key[1], "is a public key; signing needs the private key"),
+        (keys.load_private_key, write_key(tmp_path / "rsa", rsa_key), "is a RSA key; danlu signs"),
+        (keys.load_public_key, tmp_path / "absent", "--pubkey '.*absent' not found"),
+        (keys.load_public_key, tmp_path / "junk", "--pubkey '.*junk' is not a PEM public key"),
+        (keys.load_public_key, key[0], "is a private key; verifying needs the public key"),
+        (keys.load_public_key, write_key(tmp_path / "r.pub", rsa_key, public=True), "is a RSA key"),
     ]
     for load, path, message in cases:
         with pytest.raises(ConfigError, match=message) as e:
@@ -325,7 +326,7 @@ def test_encrypted_and_openssh_keys(
     assert mf.verify(run, ssh_pub)["signature"] == "valid"
     monkeypatch.delenv("DANLU_KEY_PASSPHRASE")
     mf.sign(run, write_key(tmp_path / "id", k, fmt="ssh"))
-    assert mf.verify(run, ssh_pub)["key"] == mf.fingerprint(k.public_key())
+    assert mf.verify(run, ssh_pub)["key"] == keys.fingerprint(k.public_key())
 
 
 # --------------------------------------------------------------------------------------- CLI

@@ -24,9 +24,9 @@ def keygen(
 ) -> None:
     """Make an Ed25519 key pair for `danlu sign`: OUT (private, mode 0600; keep it secret)
     and OUT.pub (public; give it to whoever runs `danlu verify`)."""
-    from danlu import manifest
+    from danlu import signing_keys
 
-    made = manifest.keygen(out_path, force=force)
+    made = signing_keys.keygen(out_path, force=force)
     out.print(
         f"wrote {escape(made['private'])} (private, keep it secret) and "
         f"{escape(made['public'])} (public)\nfingerprint: {made['fingerprint']}",
