@@ -3,7 +3,7 @@ signatures (manifest.sig) made with the `cryptography` package.
 
     write_manifest(run)             list every file of the run with its size and SHA-256
     update_manifest(run, paths)     re-pin only what a later verb wrote; the rest stays pinned
-    keygen(path)                    PATH (private, PKCS8 PEM, mode 0600) + PATH.pub (public PEM)
+    signing_keys.keygen(path)       PATH (private, PKCS8 PEM, mode 0600) + PATH.pub (public PEM)
     sign(run, key)                  rewrite the manifest, sign its exact bytes → manifest.sig
     verify(run, pubkey=None)        re-hash everything; IntegrityError names the first problem
     require_verified(run, pubkey)   the gate for the registry and the server
