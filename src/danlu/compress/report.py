@@ -300,7 +300,7 @@ def scatter(t: dict[str, Any]) -> str | None:
     ]
     if not pts:
         return None
-    plt = plots._plt()
+    plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     parent = t["rows"][0]
     for i, (r, x, y) in enumerate(pts):
@@ -320,7 +320,7 @@ def scatter(t: dict[str, Any]) -> str | None:
         if r.get("name") == t.get("recommended"):
             ax.scatter([x], [y], s=260, facecolor="none", edgecolor="#1b7a3a", lw=1.5, zorder=2)
         ax.annotate(
-            plots._short(str(r.get("name"))),
+            plots.short(str(r.get("name"))),
             (x, y),
             xytext=(5, 5 if i % 2 == 0 else -11),
             textcoords="offset points",
@@ -331,7 +331,7 @@ def scatter(t: dict[str, Any]) -> str | None:
     ax.grid(alpha=0.25)
     ax.legend(frameon=False, fontsize=8)
     fig.tight_layout()
-    return plots._png(plt, fig)
+    return plots.png(plt, fig)
 
 
 def _colour(within: bool | None) -> str:

@@ -94,9 +94,9 @@ def interpretation(result: dict[str, Any]) -> str:
 
 def loss_figure(result: dict[str, Any]) -> str:
     """Member vs non-member loss histograms, and the attacks' ROC curves."""
-    from danlu.evaluate.plots import BLUE, GREY, ORANGE, _plt, _png
+    from danlu.evaluate.plots import BLUE, GREY, ORANGE, png, pyplot
 
-    plt = _plt()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(9.5, 3.3))
     h = result["losses"]
     sides = (("members", BLUE, "train (members)"), ("non_members", ORANGE, "non-members"))
@@ -117,7 +117,7 @@ def loss_figure(result: dict[str, Any]) -> str:
         ax.legend(frameon=False, fontsize=7)
         ax.grid(alpha=0.25)
     fig.tight_layout()
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def _attack_rows(result: dict[str, Any]) -> list[list[str]]:

@@ -4,7 +4,7 @@ Every function takes plain data read from a run directory (history lines, metric
 entries) and never a model. matplotlib is imported lazily (the `report` extra) with the Agg
 backend, and every figure is closed once encoded:
 
-    png = confusion_matrix([[5, 1], [0, 4]], ["cat", "dog"])   # "iVBORw0KGgo..."
+    image = confusion_matrix([[5, 1], [0, 4]], ["cat", "dog"])   # "iVBORw0KGgo..."
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def available() -> bool:
     return True
 
 
-def _plt() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,7 +40,7 @@ def _plt() -> Any:
     return plt
 
 
-def _png(plt: Any, fig: Any) -> str:
+def png(plt: Any, fig: Any) -> str:
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
@@ -49,7 +49,7 @@ def _png(plt: Any, fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _short(name: str, n: int = 18) -> str:
+def short(name: str, n: int = 18) -> str:
     return name if len(name) <= n else name[: n - 1] + "…"
 
 
@@ -70,7 +70,7 @@ def learning_curves(train: list[dict], val: list[dict], max_metrics: int = 6) ->
     panels = [p for p, keep in (("loss", loss or val_loss), ("val", names), ("lr", lr)) if keep]
     if not panels:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.2))
     axes = np.atleast_1d(axes)
     for ax, panel in zip(axes, panels, strict=True):
@@ -93,12 +93,12 @@ def learning_curves(train: list[dict], val: list[dict], max_metrics: int = 6) ->
         ax.set_xlabel("step")
         ax.grid(alpha=0.25)
     fig.tight_layout()
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def overlaid_curves(runs: list[tuple[str, list[dict], list[dict]]], monitor: str | None) -> str:
     """compare.html: train loss and one validation metric of every run on shared axes."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2 if monitor else 1, figsize=(10 if monitor else 5.5, 3.4))
     axes = np.atleast_1d(axes)
     for i, (name, train, val) in enumerate(runs):
@@ -106,12 +106,12 @@ def overlaid_curves(runs: list[tuple[str, list[dict], list[dict]]], monitor: str
         _line(
             axes[0],
             [(r["step"], r["train_loss"]) for r in train if _num(r.get("train_loss"))],
-            _short(name, 30),
+            short(name, 30),
             colour,
         )
         if monitor:
             pts = [(r["step"], r[monitor]) for r in val if _num(r.get(monitor))]
-            _line(axes[1], pts, _short(name, 30), colour, marker="o")
+            _line(axes[1], pts, short(name, 30), colour, marker="o")
     axes[0].set_title("train loss")
     if monitor:
         axes[1].set_title(monitor)
@@ -121,7 +121,7 @@ def overlaid_curves(runs: list[tuple[str, list[dict], list[dict]]], monitor: str
         if ax.get_legend_handles_labels()[0]:
             ax.legend(frameon=False, fontsize=7)
     fig.tight_layout()
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def _line(ax: Any, pts: list, label: str, colour: str | None, **kw: Any) -> None:
@@ -156,7 +156,7 @@ def confusion_matrix(cm: list[list[int]], class_names: list[str]) -> str:
     n = len(class_names)
     side = float(np.clip(0.5 * n + 2.0, 3.5, 11.0))
     size = 12 if n <= 4 else 9 if n <= 12 else 6
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(side + 1.2, side))
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     if n <= 30:
@@ -172,7 +172,7 @@ def confusion_matrix(cm: list[list[int]], class_names: list[str]) -> str:
                     color=colour,
                     fontsize=size,
                 )
-    labels = [_short(c) for c in class_names]
+    labels = [short(c) for c in class_names]
     step = max(1, n // 40)
     ax.set_xticks(
         range(0, n, step),
@@ -185,13 +185,13 @@ def confusion_matrix(cm: list[list[int]], class_names: list[str]) -> str:
     ax.set_ylabel("true")
     ax.spines[:].set_visible(False)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def roc_pr(curves: dict[str, Any], order: list[str]) -> str:
     """ROC and precision-recall curves side by side, one line per class in `order`."""
     roc, pr = curves.get("roc") or {}, curves.get("pr") or {}
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4.2))
     for i, name in enumerate(order):
         colour = f"C{i % 10}"
@@ -202,7 +202,7 @@ def roc_pr(curves: dict[str, Any], order: list[str]) -> str:
                 c["tpr"],
                 color=colour,
                 lw=1.3,
-                label=f"{_short(name)} (AUC {_f(c.get('auc'))})",
+                label=f"{short(name)} (AUC {_f(c.get('auc'))})",
             )
         if name in pr:
             c = pr[name]
@@ -211,7 +211,7 @@ def roc_pr(curves: dict[str, Any], order: list[str]) -> str:
                 c["precision"],
                 color=colour,
                 lw=1.3,
-                label=f"{_short(name)} (AP {_f(c.get('ap'))})",
+                label=f"{short(name)} (AP {_f(c.get('ap'))})",
             )
     a.plot([0, 1], [0, 1], ls="--", color=GREY, lw=0.8)
     a.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
@@ -222,13 +222,13 @@ def roc_pr(curves: dict[str, Any], order: list[str]) -> str:
         if ax.get_legend_handles_labels()[0]:
             ax.legend(frameon=False, fontsize=7, loc="lower right" if ax is a else "lower left")
     fig.tight_layout()
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def calibration(cal: dict[str, Any]) -> str:
     """Reliability diagram (accuracy against confidence per bin) over the bin counts."""
     bins = [b for b in cal.get("bins", []) if b.get("count")]
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(
         2, 1, figsize=(5.5, 5.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]}
     )
@@ -258,7 +258,7 @@ def calibration(cal: dict[str, Any]) -> str:
     b.bar(lows, [x["count"] for x in bins], widths, align="edge", color=GREY, edgecolor="white")
     b.set(xlabel="confidence", ylabel="examples")
     fig.tight_layout()
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def decision_surface(surface: dict[str, Any], class_names: list[str]) -> str:
@@ -268,12 +268,12 @@ def decision_surface(surface: dict[str, Any], class_names: list[str]) -> str:
     proba = _grid(surface.get("proba"), xs, ys)
     predicted = _grid(surface.get("predicted"), xs, ys)
     binary = len(class_names) <= 2 and proba is not None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 5))
     if binary:
         cs = ax.contourf(xs, ys, proba, levels=np.linspace(0, 1, 11), cmap="RdBu_r", alpha=0.75)
         ax.contour(xs, ys, proba, levels=[0.5], colors="#222", linewidths=1)
-        fig.colorbar(cs, ax=ax, label=f"P({_short(class_names[-1])})" if class_names else "P")
+        fig.colorbar(cs, ax=ax, label=f"P({short(class_names[-1])})" if class_names else "P")
         colours = ["#2166ac", "#b2182b"]
     elif predicted is not None:
         k = max(len(class_names), 1)
@@ -299,7 +299,7 @@ def decision_surface(surface: dict[str, Any], class_names: list[str]) -> str:
             marker=markers[i % len(markers)],
             edgecolor="black",
             linewidth=0.8 if len(x) <= 500 else 0.3,
-            label=_short(name),
+            label=short(name),
             zorder=3,
         )
     feats = surface.get("features") or ["x", "y"]
@@ -315,7 +315,7 @@ def decision_surface(surface: dict[str, Any], class_names: list[str]) -> str:
             alignment="left",
         )
     fig.tight_layout()
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def _grid(values: Any, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
@@ -336,7 +336,7 @@ def _grid(values: Any, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
 def regression(true: list[float], predicted: list[float]) -> str:
     """Predicted against true with the y = x line, and the histogram of residuals."""
     t, p = np.asarray(true, float), np.asarray(predicted, float)
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     a.scatter(t, p, s=10 if len(t) > 300 else 18, alpha=0.6, color=BLUE, edgecolor="none")
     lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
@@ -350,7 +350,7 @@ def regression(true: list[float], predicted: list[float]) -> str:
     for ax in (a, b):
         ax.grid(alpha=0.25)
     fig.tight_layout()
-    return _png(plt, fig)
+    return png(plt, fig)
 
 
 def _f(v: Any) -> str:
