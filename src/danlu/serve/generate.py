@@ -111,55 +111,90 @@ def generate(
     run: str | Path | RunDir,
     prompts: str | list[str],
     *,
-    max_new_tokens: int = 128,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    repetition_penalty: float = 1.0,
-    stop: str | list[str] | None = None,
-    num_beams: int = 1,
-    seed: int = 0,
-    stream: Stream | None = None,
     device: str = "auto",
+    **options: Any,
 ) -> list[str]:
-    """The generated continuation (or translation) of each prompt, without the prompt."""
+    """The generated continuation (or translation) of each prompt, without the prompt.
+    `options`: those of Generator.__call__ (max_new_tokens, temperature, top_k, top_p,
+    repetition_penalty, stop, num_beams, seed, stream)."""
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
-    stop = [stop] if isinstance(stop, str) else list(stop or [])
-    check_request(texts, max_new_tokens, num_beams, stop)
-    check_options(temperature, top_k, top_p, repetition_penalty)
-    run = run if isinstance(run, RunDir) else RunDir.open(run)
-    model, cfg, spec, _ = load_model(run)
-    family, task = models.family(model, cfg.model.type), spec.task
-    seq2seq = task == "seq2seq"
-    causal = (
-        task in ("language_modeling", "chat")
-        and family != "bert"
-        and callable(getattr(model, "generate", None))
-    )
-    if not seq2seq and not causal:
-        message, fix = _cannot_generate(run, family, task)
-        raise ConfigError(message, fix=fix)
-    if not seq2seq and num_beams != 1:
-        raise ConfigError(
-            f"num_beams: {num_beams} — beam search is for seq2seq runs; run '{run.path}' is a "
-            f"{family} language model",
-            fix="use num_beams 1 (greedy with temperature 0, or sampling)",
+    check_request(texts, options.get("max_new_tokens", 128), options.get("num_beams", 1), ())
+    return Generator(run, device)(texts, **options)
+
+
+class Generator:
+    """A run loaded once for generation: `generate` makes one per call, the server keeps one."""
+
+    def __init__(self, run: str | Path | RunDir, device: str = "auto") -> None:
+        self.run = run if isinstance(run, RunDir) else RunDir.open(run)
+        self.model, self.cfg, self.spec, _ = load_model(self.run)
+        self.family, self.task = models.family(self.model, self.cfg.model.type), self.spec.task
+        causal = (
+            self.task in ("language_modeling", "chat")
+            and self.family != "bert"
+            and callable(getattr(self.model, "generate", None))
         )
-    encoder = TextEncoder.load(run.tokenizer)
-    dev = place(model, resolve_device(device))
-    sample = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-    sample |= {"repetition_penalty": repetition_penalty}
-    sample["generator"] = torch.Generator(dev).manual_seed(seed)
-    common = {"max_new_tokens": max_new_tokens, "stop": stop, "stream": stream}
-    if seq2seq:
-        limit = (spec.text or {}).get("max_length") or model.context
-        return translate(
-            model, encoder, texts, num_beams=num_beams, limit=limit, **sample, **common
-        )
-    if task == "chat":  # a prompt is the user's turn, answered in the run's chat template
-        texts, end = chat_prompts(run, spec, texts)
-        return complete(model, encoder, texts, end=end, separate=False, **sample, **common)
-    return complete(model, encoder, texts, **sample, **common)
+        if not self.seq2seq and not causal:
+            message, fix = _cannot_generate(self.run, self.family, self.task)
+            raise ConfigError(message, fix=fix)
+        self.encoder = TextEncoder.load(self.run.tokenizer)
+        self.device = place(self.model, resolve_device(device))
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.task == "seq2seq"
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        """A conversation in the chat run's template, ready for the assistant's next turn."""
+        from danlu.data.chat import chat_tokenizer, render
+
+        return render(chat_tokenizer(self.run.chat_tokenizer), messages, generation=True)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.encoder.encode_ids([text])[0]) if text else 0
+
+    def __call__(
+        self,
+        texts: list[str],
+        *,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        stop: str | list[str] | None = None,
+        num_beams: int = 1,
+        seed: int = 0,
+        stream: Stream | None = None,
+        rendered: bool = False,
+    ) -> list[str]:
+        """Continue (or translate) `texts`. A chat run takes each text as the user's turn,
+        unless `rendered` says the texts are conversations already in its template."""
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        check_request(texts, max_new_tokens, num_beams, stop)
+        check_options(temperature, top_k, top_p, repetition_penalty)
+        if not self.seq2seq and num_beams != 1:
+            raise ConfigError(
+                f"num_beams: {num_beams} — beam search is for seq2seq runs; run "
+                f"'{self.run.path}' is a {self.family} language model",
+                fix="use num_beams 1 (greedy with temperature 0, or sampling)",
+            )
+        sample = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        sample |= {"repetition_penalty": repetition_penalty}
+        sample["generator"] = torch.Generator(self.device).manual_seed(seed)
+        common = {"max_new_tokens": max_new_tokens, "stop": stop, "stream": stream}
+        model, encoder = self.model, self.encoder
+        if self.seq2seq:
+            limit = (self.spec.text or {}).get("max_length") or model.context
+            return translate(
+                model, encoder, texts, num_beams=num_beams, limit=limit, **sample, **common
+            )
+        if self.task == "chat":  # a prompt is the user's turn, answered in the chat template
+            end = self.spec.text.get("end_of_turn_id")
+            if not rendered:
+                texts, end = chat_prompts(self.run, self.spec, texts)
+            return complete(model, encoder, texts, end=end, separate=False, **sample, **common)
+        return complete(model, encoder, texts, **sample, **common)
 
 
 def chat_prompts(run: RunDir, spec: Any, texts: list[str]) -> tuple[list[str], int | None]:
