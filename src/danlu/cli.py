@@ -442,7 +442,7 @@ def quickstart(
 # the verbs of these modules register themselves on `app` when imported
 from danlu import cli_audit, cli_card, cli_compress, cli_explain  # noqa: E402, F401, I001
 from danlu import cli_finetune, cli_integrity, cli_pii, cli_registry, cli_report  # noqa: E402, F401
-from danlu import cli_serve, cli_text  # noqa: E402, F401
+from danlu import cli_monitor, cli_serve, cli_text  # noqa: E402, F401
 
 
 def main() -> None:

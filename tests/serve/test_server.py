@@ -284,3 +284,20 @@ def test_batcher_refuses_work_beyond_its_queue_and_drains_on_close():
     assert asyncio.run(main()) == [[0], [1], [2], [3]]
     batcher.close(timeout=5)
     assert batcher.depth == 0
+
+
+def test_request_log_records_every_served_input(runs, tmp_path):
+    from danlu.serve.requestlog import RequestLog
+
+    rows = [{"a": 0.1, "b": 0.2, "colour": "red"}, {"a": 6.0, "b": -4.0, "colour": "blue"}]
+    with _client([runs["table"], runs["gpt"]], request_log=str(tmp_path / "log")) as c:
+        labels = [p["label"] for p in c.post("/v1/predict", json={"model": "table", "inputs": rows}).json()["predictions"]]  # fmt: skip
+        body = {"model": "run", "prompt": "the cat", "max_tokens": 5, "temperature": 0}
+        c.post("/v1/completions", json=body)
+    records = list(RequestLog(tmp_path / "log").read())
+    assert [r["endpoint"] for r in records] == ["/v1/predict", "/v1/predict", "/v1/completions"]
+    assert [r["output"]["label"] for r in records[:2]] == labels
+    assert records[0]["input"]["values"] == {"a": 0.1, "b": 0.2, "colour": "red"}
+    assert records[2]["input"] == {"kind": "text", "chars": 7, "tokens": 7}
+    assert records[2]["output"]["completion_tokens"] == 5
+    assert all(r["latency_ms"] >= 0 for r in records)

@@ -80,7 +80,15 @@ class GenerationRunner:
 class Job:
     """One generation request: prompts, options, and what came back."""
 
-    def __init__(self, state: Any, model: Any, texts: list[str], options: dict, rendered: bool):
+    def __init__(
+        self,
+        state: Any,
+        model: Any,
+        texts: list[str],
+        options: dict,
+        rendered: bool,
+        endpoint: str = "/v1/generate",
+    ):
         cap = state.settings.max_new_tokens
         if options["max_new_tokens"] > cap:
             raise ApiError(
@@ -92,7 +100,7 @@ class Job:
         if options.get("seed") is None:
             options["seed"] = secrets.randbits(31)
         self.state, self.model, self.texts = state, model, texts
-        self.options, self.rendered = options, rendered
+        self.options, self.rendered, self.endpoint = options, rendered, endpoint
         self.cancel = threading.Event()
         self.started = time.time()
 
@@ -106,11 +114,22 @@ class Job:
         gen = self.model.generator
         return gen(self.texts, stream=guarded, rendered=self.rendered, **self.options)
 
-    def finish(self, text: str) -> tuple[str, int]:
-        """(finish_reason, completion tokens) of one returned text."""
+    def finish(self, text: str, index: int = 0) -> tuple[str, int]:
+        """(finish_reason, completion tokens) of one returned text; logged when the server
+        keeps a request log."""
         n = self.model.generator.count_tokens(text)
         self.state.metrics.tokens.labels(self.model.name).inc(n)
-        return ("length" if n >= self.options["max_new_tokens"] else "stop"), n
+        reason = "length" if n >= self.options["max_new_tokens"] else "stop"
+        if self.state.log is not None:
+            from danlu.serve.requestlog import record
+
+            prompt = self.texts[index]
+            summary = {"kind": "text", "chars": len(prompt)}
+            summary["tokens"] = self.model.generator.count_tokens(prompt)
+            output = {"finish_reason": reason, "completion_tokens": n}
+            ms = 1000 * (time.time() - self.started)
+            self.state.log.append(record(self.model.name, self.endpoint, summary, output, ms))
+        return reason, n
 
     async def result(self) -> list[str]:
         runner, timeout = self.state.generation, self.state.settings.timeout_s
@@ -132,6 +151,7 @@ class Job:
             loop.call_soon_threadsafe(queue.put_nowait, (row, piece))
 
         future = self.state.generation.start(lambda: self.run(push), self.cancel)
+
         def done(f: asyncio.Future) -> None:
             if not f.cancelled():
                 f.exception()  # retrieved here; raised below when the stream is still wanted
@@ -220,8 +240,8 @@ async def danlu_generate(state: Any, body: GenerateRequest) -> Any:
     job = Job(state, model, texts, options, rendered=False)
     if not body.stream:
         out = []
-        for text in await job.result():
-            reason, n = job.finish(text)
+        for i, text in enumerate(await job.result()):
+            reason, n = job.finish(text, i)
             out.append({"text": text, "finish_reason": reason, "completion_tokens": n})
         return {"model": model.name, "completions": out}
     if len(texts) != 1:
@@ -233,7 +253,7 @@ async def danlu_generate(state: Any, body: GenerateRequest) -> Any:
             if isinstance(item, tuple):
                 yield _sse({"text": item[1]})
             else:
-                yield _sse({"finish_reason": job.finish(item[0])[0]})
+                yield _sse({"finish_reason": job.finish(item[0], 0)[0]})
 
     return _stream_response(_guarded(job, events()))
 
@@ -248,7 +268,8 @@ def routes(state: Any) -> Any:
         model = _generator(state, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
         texts = [p for p in prompts for _ in range(body.n)]
-        job = Job(state, model, texts, _options(body, body.max_tokens or 16), rendered=False)
+        options = _options(body, body.max_tokens or 16)
+        job = Job(state, model, texts, options, rendered=False, endpoint="/v1/completions")
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion"}
         head |= {"created": int(job.started), "model": model.name}
         echo = texts if body.echo else [""] * len(texts)
@@ -258,7 +279,7 @@ def routes(state: Any) -> Any:
         outs = await job.result()
         choices, used = [], 0
         for i, text in enumerate(outs):
-            reason, n = job.finish(text)
+            reason, n = job.finish(text, i)
             used += n
             choices.append(
                 {"text": echo[i] + text, "index": i, "logprobs": None, "finish_reason": reason}
@@ -270,7 +291,7 @@ def routes(state: Any) -> Any:
         model = _generator(state, body.model)
         prompt, rendered = _conversation(model, body)
         limit = body.max_completion_tokens or body.max_tokens or min(256, state.settings.max_new_tokens)  # fmt: skip
-        job = Job(state, model, [prompt] * body.n, _options(body, limit), rendered=rendered)
+        job = Job(state, model, [prompt] * body.n, _options(body, limit), rendered, "/v1/chat/completions")  # fmt: skip
         head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion"}
         head |= {"created": int(job.started), "model": model.name}
         if body.stream:
@@ -279,7 +300,7 @@ def routes(state: Any) -> Any:
             return _stream_response(_guarded(job, _chat_chunks(job, head, body)))
         choices, used = [], 0
         for i, text in enumerate(await job.result()):
-            reason, n = job.finish(text)
+            reason, n = job.finish(text, i)
             used += n
             message = {"role": "assistant", "content": text}
             choices.append({"index": i, "message": message, "finish_reason": reason})
@@ -320,7 +341,7 @@ async def _completion_chunks(job: Job, head: dict, echo: list[str], body: Any):
             yield _sse(head | {"choices": [_piece(*item)]})
             continue
         for i, text in enumerate(item):
-            reason, n = job.finish(text)
+            reason, n = job.finish(text, i)
             used += n
             yield _sse(head | {"choices": [_piece(i, "", reason)]})
     if (body.stream_options or {}).get("include_usage"):
@@ -344,7 +365,7 @@ async def _chat_chunks(job: Job, head: dict, body: ChatRequest):
             yield _sse(head | {"choices": [choice]})
             continue
         for i, text in enumerate(item):
-            reason, n = job.finish(text)
+            reason, n = job.finish(text, i)
             used += n
             yield _sse(head | {"choices": [{"index": i, "delta": {}, "finish_reason": reason}]})
     if (body.stream_options or {}).get("include_usage"):

@@ -296,8 +296,9 @@ def _read_drift(state: State) -> None:
         return
     from danlu.serve.drift import gauges
 
+    name = report.get("model") if isinstance(report, dict) else None
     with contextlib.suppress(Exception):  # an older or partial report: skip it
-        for name in state.models:
+        if name in state.models:
             state.metrics.set_drift(name, gauges(report))
 
 
