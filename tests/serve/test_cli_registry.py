@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import danlu
 from conftest import tiny_config
-from danlu.cli import app
+from danlu.cli import app, out
 from danlu.serve.predictor import Predictor
 from danlu.serve.store import ModelStore
 
@@ -43,6 +43,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _wide(monkeypatch: pytest.MonkeyPatch) -> None:
     """Rich tables at 200 columns, so no cell is folded; no debug tracebacks."""
     monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setattr(out, "_width", 200)  # the console may exist before COLUMNS is set
     monkeypatch.delenv("DANLU_DEBUG", raising=False)
     monkeypatch.delenv("DANLU_REGISTRY", raising=False)
 
