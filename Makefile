@@ -35,8 +35,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	@sh .ci/system-packages.sh $(DEB_PACKAGES)
 	@touch $(STAMP)
 
+# From a terminal the quickstart ends by serving the model (Ctrl-C stops it); from a script or
+# CI (no terminal) it stops before serving, as `danlu quickstart --no-serve`.
 quickstart: setup
-	$(VENV)/bin/danlu quickstart
+	@if [ -t 0 ] && [ -t 1 ]; then $(VENV)/bin/danlu quickstart; \
+	else $(VENV)/bin/danlu quickstart --no-serve; fi
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -104,7 +104,7 @@ def test_wrong_type_names_key_value_and_expectation():
         ),
         (
             {"train": {"precision": "fp64"}},
-            "train.precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp64')",
+            "train.precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16' (got 'fp64')",
         ),
         (
             {"train": {"device": "gpu"}},

@@ -258,7 +258,9 @@ def test_keygen_writes_a_private_key_only_its_owner_can_read(tmp_path: Path) -> 
     assert stat.S_IMODE((tmp_path / "k.pub").stat().st_mode) == 0o644
     assert (tmp_path / "k").read_text().startswith("-----BEGIN PRIVATE KEY-----")
     assert (tmp_path / "k.pub").read_text().startswith("-----BEGIN PUBLIC KEY-----")
-    assert made["fingerprint"] == keys.fingerprint(keys.load_private_key(tmp_path / "k").public_key())
+    assert made["fingerprint"] == keys.fingerprint(
+        keys.load_private_key(tmp_path / "k").public_key()
+    )
     with pytest.raises(ConfigError, match=r"'.*k' already exists. choose another --out"):
         keys.keygen(tmp_path / "k")
     assert keys.keygen(tmp_path / "k", force=True)["fingerprint"] != made["fingerprint"]

@@ -41,7 +41,7 @@ from danlu.manifest import write_manifest
 from danlu.models import finetune
 from danlu.rundir import RunDir, atomic_write_text, now, start_lineage, update_lineage
 from danlu.serve.predictor import Predictor
-from danlu.train import loop, privacy
+from danlu.train import distributed, loop, privacy, tracking
 from danlu.train.objectives import TokenObjective, build_objective, sample_weights
 
 log = logging.getLogger("danlu")
@@ -55,6 +55,11 @@ RESUMABLE_CHANGES = (
     "train.threads",
     "train.tensorboard",
     "train.keep_checkpoints",
+    "train.mlflow",
+    "train.estimate",
+    "train.memory_limit_gb",
+    "train.strategy",  # issue 6: DDP ↔ FSDP and the process count do not change the maths
+    "train.collective_timeout_s",
     "evaluate.",
 )
 
@@ -86,13 +91,16 @@ def train(
     pretraining: bool = False,
     model: torch.nn.Module | None = None,
     wrap_objective: Callable[[Any], Any] | None = None,
+    on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train a model from a config (file, bundled example name, dict or Config) into a run dir.
 
     `resume` continues a run from its last checkpoint; the config may then only change the
     training length (and logging) unless `force` is set. `model` trains a given model (e.g. a
     pruned one) instead of building the config's; `wrap_objective` wraps the config's objective
-    (distillation adds the teacher's term)."""
+    (distillation adds the teacher's term). `on_evaluate(step, val_metrics)` is called after
+    each validation (danlu tune reports to its pruner there; an exception it raises stops
+    the run)."""
     if resume is not None:
         run = resume if isinstance(resume, RunDir) else RunDir.open(resume)
         cfg = _resume_config(run, config, overrides, force)
@@ -106,14 +114,16 @@ def train(
         run = None  # created once data and model are known to work: no stray folders
         cfg = with_model_sources(cfg)
     seed_everything(cfg.seed)
+    t = cfg.train  # under torchrun: join the group; only rank 0 writes (train/distributed.py)
+    par = distributed.setup(t.strategy, t.collective_timeout_s, t.device, t.threads)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    bundle = build_data(cfg, run)
+    bundle = par.main_first(lambda: build_data(cfg, run), "preparing the data")
     pretraining_checks(bundle, cfg)
     spec = bundle.spec
     if run is not None:
         _check_same_data(run, bundle.content_hash, force)
-        if run.load_config() != cfg:  # a new length (or --force): record it before training
+        if run.load_config() != cfg and par.is_main:  # a new length (or --force): record it
             atomic_write_text(run.config, cfg.to_yaml())
 
     model_cfg = cfg.model.model_dump()
@@ -133,6 +143,8 @@ def train(
         _start_from(model, model_cfg["init_from"], bundle)
     family = models.family(model, model_cfg["type"])
     model = models.adapt(model, model_cfg)
+    if t.gradient_checkpointing:  # issue 6: Transformers only (a clear error otherwise)
+        models.enable_gradient_checkpointing(model, model_cfg["type"])
     objective = build_objective(t.model_dump(), spec, family, kind, bundle)
     if wrap_objective is not None:
         objective = wrap_objective(objective)
@@ -152,27 +164,29 @@ def train(
             model, train=t.model_dump(), model_cfg=model_cfg, task=spec.task,
             examples=len(bundle.splits["train"]),
         )  # fmt: skip
-    if run is None:
-        run = RunDir.create(cfg, run_dir)
-    run.write("data_card.json", bundle.card)
-    run.write("preprocess.json", spec.to_dict())
-    if bundle.encoder is not None and not run.tokenizer.is_file():
-        bundle.encoder.save(run.tokenizer)
-    if bundle.chat_tokenizer is not None and not run.chat_tokenizer.is_dir():
-        from danlu.data.chat import save_chat_tokenizer
+    if t.estimate and resume is None and private is None:  # pre-flight estimate: may stop here
+        from danlu.train.estimate import preflight
 
-        save_chat_tokenizer(bundle.chat_tokenizer, run.chat_tokenizer)
-    if model_cfg["type"] == "hf" and not run.hf_config.is_dir():
-        models.hf.save_config(model, run.hf_config)
+        par.main_only(
+            lambda: preflight(
+                model, objective, bundle, t.model_dump(), seed=cfg.seed, model_cfg=model_cfg
+            ),
+            "pre-flight estimate",
+        )
+    if run is None:  # rank 0 creates it (a clash gets a suffix); the others open that one
+        run = par.main_only(
+            lambda: RunDir.create(cfg, run_dir), "creating the run", lambda r: str(r.path),
+            RunDir.open,
+        )  # fmt: skip
+    if par.is_main:
+        _write_inputs(run, bundle, model, model_cfg)
     trainable, total = finetune.trainable_summary(model)
     if trainable < total:
         log.info(
             "training %s of %s parameters (%.2f%%)", f"{trainable:,}", f"{total:,}",
             100 * trainable / total,
         )  # fmt: skip
-    from danlu.device import resolve_device
-
-    device = str(resolve_device(t.device))
+    device = str(par.device)  # cuda:LOCAL_RANK under torchrun
     train_loader = bundle.loader(
         "train",
         t.batch_size,
@@ -185,7 +199,9 @@ def train(
     )
     val_loader = bundle.loader("val", t.eval_batch_size or 2 * t.batch_size, device=device)
 
-    if resume is None or not run.lineage.is_file():
+    if not par.is_main:
+        pass  # rank 0 keeps the lineage
+    elif resume is None or not run.lineage.is_file():
         start_lineage(
             run,
             cfg,
@@ -195,14 +211,18 @@ def train(
                 "trainable_parameters": trainable,
                 "data_sizes": bundle.card["sizes"],
                 **({"privacy": private.summary(private.planned_steps)} if private else {}),
+                **({"distributed": {"processes": par.world, "strategy": par.strategy}}
+                   if par.active else {}),
             },
-        )
+        )  # fmt: skip
     else:
         lineage = run.read("lineage.json")
         update_lineage(run, status="running", resumes=[*lineage.get("resumes", []), now()])
         if private is not None and lineage.get("privacy"):  # keep the σ the run started with
             private.noise_multiplier = lineage["privacy"]["noise_multiplier"]
+    tracker = None  # MLflow (train.mlflow): opened here, closed with the run's outcome
     try:
+        tracker = tracking.start(run, cfg) if par.is_main else None
         result = loop.fit(
             model,
             objective,
@@ -217,6 +237,8 @@ def train(
             grad_clip=t.grad_clip,
             grad_accum=t.grad_accum,
             precision=t.precision,
+            nonfinite=t.nonfinite.model_dump(),  # issue 6: NaN/Inf policy
+            compile_model=t.compile,  # issue 6: torch.compile
             device=device,
             eval_every=t.eval_every,
             log_every=t.log_every,
@@ -229,13 +251,22 @@ def train(
             metric_names=metric_names(spec.task, spec.num_classes),
             show_progress=show_progress,
             privacy=private,
+            on_evaluate=on_evaluate,
         )
     except loop.TrainingInterrupted:
-        update_lineage(run, status="interrupted", ended=now())
+        if par.is_main:
+            update_lineage(run, status="interrupted", ended=now())
+        tracking.end(tracker, "KILLED")
         raise
     except BaseException:
-        update_lineage(run, status="failed", ended=now())
+        par.failed()  # another rank's watchdog fired: end quietly
+        if par.is_main:
+            update_lineage(run, status="failed", ended=now())
+        tracking.end(tracker, "FAILED")
         raise
+    if not par.is_main:  # the other ranks are done: rank 0 finishes the run directory
+        distributed.shutdown()
+        return TrainResult(run, cfg, result, None)
     update_lineage(
         run,
         status="completed",
@@ -249,6 +280,8 @@ def train(
         **({"privacy": private.summary(result.step)} if private else {}),
     )
     write_manifest(run.path)  # every file of the finished run, with its SHA-256
+    tracking.end(tracker, "FINISHED")
+    distributed.shutdown()
     return TrainResult(run, cfg, result, linear_equation(run))
 
 
@@ -316,6 +349,20 @@ def linear_equation(run: RunDir) -> str | None:
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _write_inputs(run: RunDir, bundle: Any, model: torch.nn.Module, model_cfg: dict) -> None:
+    """The files later stages read besides the weights: data card, preprocessing, tokenizer."""
+    run.write("data_card.json", bundle.card)
+    run.write("preprocess.json", bundle.spec.to_dict())
+    if bundle.encoder is not None and not run.tokenizer.is_file():
+        bundle.encoder.save(run.tokenizer)
+    if bundle.chat_tokenizer is not None and not run.chat_tokenizer.is_dir():
+        from danlu.data.chat import save_chat_tokenizer
+
+        save_chat_tokenizer(bundle.chat_tokenizer, run.chat_tokenizer)
+    if model_cfg["type"] == "hf" and not run.hf_config.is_dir():
+        models.hf.save_config(model, run.hf_config)
 
 
 def _as_config(config: Any, overrides: list[str] | tuple[str, ...]) -> Config:

@@ -48,6 +48,14 @@ Overrides = Annotated[
     list[str] | None,
     typer.Argument(help="key=value overrides, e.g. train.epochs=2", show_default=False),
 ]
+Nproc = Annotated[
+    int | None,
+    typer.Option(
+        "--nproc",
+        help="train in N processes with DDP, under torch.distributed.run (torchrun)",
+        show_default=False,
+    ),
+]
 
 
 def command(fn):
@@ -113,10 +121,11 @@ def train(
         Path | None, typer.Option(help="continue this run from its last checkpoint")
     ] = None,
     force: Annotated[bool, typer.Option(help="resume even if the config or data changed")] = False,
+    nproc: Nproc = None,
     debug: Debug = False,
 ) -> None:
     """Train a model; the run directory holds everything later stages need."""
-    _training("train", config, overrides, run_dir, resume, force)
+    _training("train", config, overrides, run_dir, resume, force, nproc)
 
 
 def _training(
@@ -126,10 +135,16 @@ def _training(
     run_dir: Path | None,
     resume: Path | None,
     force: bool,
+    nproc: int | None = None,
 ) -> None:
     from danlu import api
+    from danlu.train import distributed
     from danlu.train.loop import TrainingInterrupted
 
+    if nproc is not None and not distributed.under_torchrun():  # re-run under torchrun
+        distributed.check_nproc(nproc, _train_device(config, overrides))
+        if nproc > 1:
+            raise typer.Exit(distributed.launch(nproc, sys.argv[1:]))
     config, overrides = _split_args(config, overrides)
     if config is None and resume is None:
         example = "gpt_bible_char" if verb == "pretrain" else "fashion_cnn"
@@ -138,14 +153,32 @@ def _training(
         raise DanluError(f"--run-dir '{run_dir}' is a file", fix="pass a new or empty folder")
     try:
         result = getattr(api, verb)(config, overrides, run_dir=run_dir, resume=resume, force=force)
+    except DanluError:
+        if not distributed.current().is_main:  # rank 0 prints the error line
+            raise typer.Exit(2) from None
+        raise
     except TrainingInterrupted as e:
+        if not distributed.current().is_main:
+            raise typer.Exit(130) from None
         err.print(
             escape(f"{e}. Resume with: danlu {verb} --resume {e.run.path}"),
             highlight=False,
             soft_wrap=True,
         )
         raise typer.Exit(130) from None
-    _train_summary(result)
+    if distributed.current().is_main:
+        _train_summary(result)
+
+
+def _train_device(config: str | None, overrides: list[str] | None) -> str:
+    """train.device of the config, when it reads (for the --nproc limit); else auto."""
+    from danlu.config import load
+
+    config, overrides = _split_args(config, overrides)
+    try:
+        return load(config, overrides).train.device if config else "auto"
+    except Exception:
+        return "auto"
 
 
 def _train_summary(result: Any) -> None:
@@ -400,49 +433,11 @@ def config_schema(debug: Debug = False) -> None:
     sys.stdout.write(json.dumps(Config.model_json_schema(), indent=2) + "\n")
 
 
-# ---------------------------------------------------------------------------- quickstart
-
-
-@app.command()
-@command
-def quickstart(
-    overrides: Overrides = None,
-    run_dir: Annotated[Path | None, typer.Option(help="write the run here")] = None,
-    debug: Debug = False,
-) -> None:
-    """Train the Fashion-MNIST CNN, evaluate it on the 10,000 official test images."""
-    from danlu import api
-
-    result = api.train("fashion_cnn", overrides or [], run_dir=run_dir)
-    _train_summary(result)
-    metrics = api.evaluate(result.run, "test")
-    from danlu.evaluate.report import write_report
-
-    report = write_report(result.run, "test")
-    run = escape(str(result.run.path))
-    out.print(
-        f"\n[bold green]test accuracy: {metrics['accuracy']:.4f}[/] on "
-        f"{metrics['count']:,} test images  (f1_macro {metrics['f1_macro']:.4f})"
-    )
-    from danlu.config import EXAMPLES_DIR
-
-    samples = Path("configs/data/fashion")  # in the repository; else where danlu is installed
-    samples = samples if samples.is_dir() else EXAMPLES_DIR / "data" / "fashion"
-    out.print(
-        f"run directory: {run}\nreport: {escape(str(report))}\n\nnext:\n"
-        f"  danlu evaluate {run} --split test\n"
-        f"  danlu predict {run} {samples} --out preds.csv\n"
-        f"  tensorboard --logdir {run}/tb\n"
-        f"  danlu train configs/mnist_mlp.yaml",
-        highlight=False,
-        soft_wrap=True,
-    )
-
-
 # the verbs of these modules register themselves on `app` when imported
 from danlu import cli_audit, cli_card, cli_compress, cli_explain  # noqa: E402, F401, I001
-from danlu import cli_finetune, cli_integrity, cli_pii, cli_registry, cli_report  # noqa: E402, F401
-from danlu import cli_monitor, cli_serve, cli_text  # noqa: E402, F401
+from danlu import cli_finetune, cli_integrity, cli_pii, cli_report, cli_serve  # noqa: E402, F401
+from danlu import cli_monitor, cli_pipeline, cli_registry, cli_text  # noqa: E402, F401
+from danlu import cli_estimate, cli_tune  # noqa: E402, F401
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from danlu.cli import Debug, Overrides, _training, app, command, out
+from danlu.cli import Debug, Nproc, Overrides, _training, app, command, out
 from danlu.errors import DanluError
 
 
@@ -27,13 +27,14 @@ def pretrain(
         Path | None, typer.Option(help="continue this run from its last checkpoint")
     ] = None,
     force: Annotated[bool, typer.Option(help="resume even if the config or data changed")] = False,
+    nproc: Nproc = None,
     debug: Debug = False,
 ) -> None:
     """Pretrain a GPT, BERT (masked LM) or seq2seq model from scratch on a corpus.
 
     The run keeps tokenizer.json, the weights and the config; fine-tune from it with
     `model.init_from: runs/<name>`."""
-    _training("pretrain", config, overrides, run_dir, resume, force)
+    _training("pretrain", config, overrides, run_dir, resume, force, nproc)
 
 
 @app.command()

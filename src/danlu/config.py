@@ -33,8 +33,11 @@ from danlu.config_models import (  # noqa: F401  (the whole schema is importable
     Section,
     Seq2SeqConfig,
 )
+from danlu.config_pipeline import PipelineConfig
 from danlu.config_privacy import PIIConfig, PrivacyConfig
 from danlu.config_serve import ServeSettings
+from danlu.config_tracking import MLflowConfig
+from danlu.config_tune import TuneConfig
 from danlu.errors import ConfigError
 
 EXAMPLES_DIR = Path(__file__).parent / "configs"
@@ -196,6 +199,14 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0)
 
 
+# --- issue 6 (resume, numerical safety, precision): train.nonfinite ---
+class NonFiniteConfig(Section):
+    policy: Literal["stop", "skip"] = Field(
+        "stop", description="stop: save nonfinite.json and stop; skip: skip the step, count it"
+    )
+    max_consecutive: int = Field(5, ge=1, description="skip: stop after this many in a row")
+
+
 class TrainConfig(Section):
     epochs: int | None = Field(10, ge=1)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; wins over epochs")
@@ -217,8 +228,10 @@ class TrainConfig(Section):
     l1: float = Field(0.0, ge=0, description="L1 penalty on weights")
     grad_clip: float | None = Field(None, gt=0, description="max global gradient norm")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 autocast where the hardware runs it fast, else fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="auto = bf16 autocast where the hardware runs it fast, fp16 with a grad "
+        "scaler on GPUs without bf16, else fp32; fp16 is CUDA-only",
     )
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
     threads: int | None = Field(None, ge=1, description="CPU threads (default: all cores)")
@@ -234,6 +247,34 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig | None = None
     tensorboard: bool = True
     privacy: PrivacyConfig | None = Field(None, description="differential privacy (Opacus)")
+    # --- issue 6 (resume, numerical safety, precision) ---
+    nonfinite: NonFiniteConfig = Field(
+        NonFiniteConfig(), description="what a NaN/Inf loss or gradient does"
+    )
+    compile: bool = Field(False, description="torch.compile the model for training")
+    gradient_checkpointing: bool = Field(
+        False, description="Transformers: recompute each layer's activations in backward"
+    )
+
+    @model_validator(mode="after")
+    def _not_with_privacy(self) -> TrainConfig:
+        for key in ("compile", "gradient_checkpointing"):
+            if getattr(self, key) and self.privacy is not None:
+                raise ValueError(f"train.{key} does not work with train.privacy (Opacus hooks)")
+        return self
+
+    # --- end issue 6 ---
+    mlflow: MLflowConfig | None = Field(None, description="MLflow tracking (train/tracking.py)")
+    estimate: bool = Field(True, description="print the pre-flight estimate before training")
+    memory_limit_gb: float | None = Field(
+        None, gt=0, description="memory training may use (GB); default: what is free"
+    )
+    strategy: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun: auto = DDP; fsdp shards the model (FSDP2)"
+    )
+    collective_timeout_s: float = Field(
+        300, gt=0, description="a rank waiting this long in a collective stops the run (watchdog)"
+    )
 
     @model_validator(mode="after")
     def _length(self) -> TrainConfig:
@@ -273,6 +314,8 @@ class Config(Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     compress: CompressConfig | None = None
     serve: ServeSettings | None = None
+    tune: TuneConfig | None = None
+    pipeline: PipelineConfig | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = self.model_dump(mode="json")

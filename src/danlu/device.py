@@ -1,7 +1,9 @@
 """Where and in which precision models run: device "auto" and precision "auto".
 
-precision "auto" picks bf16 autocast on CUDA GPUs with bf16 support, and on CPUs where bf16
-matmuls are measurably faster than fp32. A CPU flag is not enough: without AVX512-BF16 or AMX
+precision "auto" picks bf16 autocast on CUDA GPUs with bf16 support, fp16 autocast with a
+grad scaler (`grad_scaler`) on older CUDA GPUs, and bf16 on CPUs where bf16 matmuls are
+measurably faster than fp32; fp32 everywhere else. fp16 is CUDA-only: asked for on a CPU it is
+refused (bf16 is the CPU's half precision). A CPU flag is not enough: without AVX512-BF16 or AMX
 bf16 is emulated (12× slower than fp32 on an AVX2 EPYC), and even with AVX512-BF16 but no
 AMX the matmul library can run bf16 at half the fp32 speed (measured on a 2-core Xeon:
 154 vs 313 GFLOP/s). So on a CPU with the flags, `auto` times one 1024² matmul in each
@@ -43,10 +45,16 @@ def cpu_bf16_native() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
+    """ "auto" → what this device runs best; an explicit choice is checked against the device."""
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"train.precision: fp16 needs a CUDA GPU, and this run is on {device.type}",
+            fix="use train.precision: bf16 (half precision on CPUs) or fp32, or auto",
+        )
     if precision != "auto":
         return precision
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device.type == "cpu":
         return "bf16" if cpu_bf16_native() and cpu_bf16_faster() else "fp32"
     return "fp32"
@@ -74,4 +82,14 @@ def cpu_bf16_faster(size: int = 1024, margin: float = 1.2) -> bool:
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler | None:
+    """fp16 training needs loss scaling (small gradients underflow in fp16); bf16 and fp32 do
+    not. The scaler's state (scale, growth tracker) is part of every checkpoint."""
+    if precision != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)

@@ -35,9 +35,7 @@ def client(server):
 
 def test_completion_equals_danlu_generate(server, client):
     expected = generate(server.run, "the cat", max_new_tokens=12, temperature=0.0)[0]
-    out = client.completions.create(
-        model="tiny-lm", prompt="the cat", max_tokens=12, temperature=0
-    )
+    out = client.completions.create(model="tiny-lm", prompt="the cat", max_tokens=12, temperature=0)
     assert out.object == "text_completion" and out.model == "tiny-lm"
     assert out.choices[0].text == expected
     assert out.choices[0].finish_reason in ("length", "stop")
@@ -47,9 +45,11 @@ def test_completion_equals_danlu_generate(server, client):
 
 
 def test_streamed_completion_joins_to_the_whole_text(client):
-    whole = client.completions.create(
-        model="tiny-lm", prompt="the dog", max_tokens=16, temperature=0
-    ).choices[0].text
+    whole = (
+        client.completions.create(model="tiny-lm", prompt="the dog", max_tokens=16, temperature=0)
+        .choices[0]
+        .text
+    )
     chunks = list(
         client.completions.create(
             model="tiny-lm", prompt="the dog", max_tokens=16, temperature=0, stream=True

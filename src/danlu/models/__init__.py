@@ -140,6 +140,27 @@ def adapt(model: nn.Module, model_cfg: dict[str, Any]) -> nn.Module:
     return model
 
 
+def enable_gradient_checkpointing(model: nn.Module, model_type: str) -> None:
+    """train.gradient_checkpointing: Transformer layers recompute their activations in
+    backward instead of keeping them (danlu's gpt, bert, seq2seq per layer; `hf` models
+    through transformers). Families without a layer stack are refused."""
+    inner = hf.unwrap(model)  # the model inside a PEFT (LoRA) wrapper
+    if isinstance(inner, hf.HFModel):  # transformers 5: "activation checkpointing"
+        enable = getattr(inner.net, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable({"use_reentrant": False})
+        else:
+            inner.net.gradient_checkpointing_enable({"use_reentrant": False})
+    elif isinstance(getattr(inner, "gradient_checkpointing", None), bool):
+        inner.gradient_checkpointing = True
+    else:
+        raise ConfigError(
+            f"train.gradient_checkpointing works with Transformer models, not model.type: "
+            f"{model_type}",
+            fix="remove it (or use a gpt, bert, seq2seq or hf model)",
+        )
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

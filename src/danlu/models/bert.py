@@ -20,7 +20,13 @@ from torch import nn
 
 from danlu.errors import ConfigError
 from danlu.models.heads import SequenceHead
-from danlu.models.layers import EncoderBlock, check_heads, check_length, key_padding_mask
+from danlu.models.layers import (
+    EncoderBlock,
+    check_heads,
+    check_length,
+    key_padding_mask,
+    run_layer,
+)
 from danlu.registry import MODELS
 
 BERT_POOLINGS = ("cls", "mean")
@@ -120,6 +126,7 @@ class BERT(nn.Module):
         self.blocks = nn.ModuleList(
             EncoderBlock(dim, num_heads, hidden, dropout) for _ in range(num_layers)
         )
+        self.gradient_checkpointing = False  # train.gradient_checkpointing (layers.run_layer)
         self.norm = nn.LayerNorm(dim)
         self.apply(_init_weights)
         if num_outputs is None:
@@ -139,7 +146,7 @@ class BERT(nn.Module):
         positions = torch.arange(t, device=ids.device)  # (T,)
         x = self.drop(self.tok_emb(ids) + self.pos_emb(positions))  # (B, T, D)
         for block in self.blocks:
-            x = block(x, mask)  # (B, T, D)
+            x = run_layer(block, self.gradient_checkpointing, x, mask)  # (B, T, D)
         return self.norm(x)  # (B, T, D)
 
     def forward(

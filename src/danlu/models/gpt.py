@@ -33,6 +33,7 @@ from torch import nn
 
 from danlu.errors import ConfigError
 from danlu.models.heads import SequenceHead
+from danlu.models.layers import run_layer
 from danlu.models.sampling import check_options, emit
 from danlu.registry import MODELS
 
@@ -177,6 +178,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(
             Block(dim, num_heads, mlp_ratio, dropout, norm, mlp, bias) for _ in range(num_layers)
         )
+        self.gradient_checkpointing = False  # train.gradient_checkpointing (layers.run_layer)
         self.norm = NORMS[norm](dim, bias)
         lm = num_outputs is None
         self.lm_head = nn.Linear(dim, vocab_size, bias=False) if lm and not tie_weights else None
@@ -234,7 +236,7 @@ class GPT(nn.Module):
         if self.dropout:
             x = F.dropout(x, self.dropout, self.training)
         for block in self.blocks:
-            x = block(x, rope, mask)  # (B, T, D)
+            x = run_layer(block, self.gradient_checkpointing, x, rope, mask)  # (B, T, D)
         return self.norm(x)  # (B, T, D)
 
     # -------------------------------------------------------------------------- generate

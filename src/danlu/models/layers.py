@@ -32,6 +32,16 @@ def check_heads(num_heads: int, dim: int) -> None:
         )
 
 
+def run_layer(layer: nn.Module, checkpointed: bool, *args: object) -> torch.Tensor:
+    """layer(*args); with `checkpointed` (train.gradient_checkpointing) and autograd on, the
+    layer's activations are not kept but recomputed in backward (same RNG, same results)."""
+    if checkpointed and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 def check_length(length: int, context: int, what: str = "a batch") -> None:
     if length > context:
         raise ConfigError(

@@ -35,6 +35,7 @@ from danlu.models.layers import (
     check_heads,
     check_length,
     key_padding_mask,
+    run_layer,
     sinusoidal_table,
 )
 from danlu.models.sampling import check_options, next_token
@@ -120,6 +121,7 @@ class Seq2Seq(nn.Module):
         )
         self.enc_norm = nn.LayerNorm(dim)
         self.dec_norm = nn.LayerNorm(dim)
+        self.gradient_checkpointing = False  # train.gradient_checkpointing (layers.run_layer)
         for name, p in self.named_parameters():
             if p.dim() > 1 and "pos" not in name:
                 nn.init.xavier_uniform_(p)
@@ -137,7 +139,7 @@ class Seq2Seq(nn.Module):
         src_mask = key_padding_mask(src != self.pad_id)  # (B, 1, 1, S)
         x = self.embed_tokens(src, "src")  # (B, S, D)
         for block in self.encoder:
-            x = block(x, src_mask)  # (B, S, D)
+            x = run_layer(block, self.gradient_checkpointing, x, src_mask)  # (B, S, D)
         return self.enc_norm(x), src_mask
 
     def hidden(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,7 +156,8 @@ class Seq2Seq(nn.Module):
         self_mask = (causal & real) | eye  # (B, 1, T, T)
         x = self.embed_tokens(tgt_in, "tgt")  # (B, T, D)
         for block in self.decoder:
-            x = block(x, self_mask, block.cross_attn.memory_kv(memory), src_mask)  # (B, T, D)
+            kv = block.cross_attn.memory_kv(memory)
+            x = run_layer(block, self.gradient_checkpointing, x, self_mask, kv, src_mask)
         return F.linear(self.dec_norm(x), self.embed.weight)  # (B, T, V)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor) -> torch.Tensor:

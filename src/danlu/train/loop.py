@@ -12,15 +12,19 @@ evaluations without improvement. Checkpoints hold everything needed to continue 
 same weights as an uninterrupted run. SIGINT/SIGTERM finish the step, checkpoint and stop.
 `privacy` (a train.privacy.PrivateTraining) makes each step DP-SGD: per-example clipping and
 noise in the optimizer, ε in the history lines.
+Issue 6: a NaN/Inf loss or gradient is never applied (steps.NonFiniteGuard, `nonfinite`:
+stop with a diagnostic, or skip); fp16 runs carry a grad scaler; `compile_model` compiles the
+model in place; resume falls back past an unreadable checkpoint (checkpoint.restore_latest).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,14 +32,14 @@ import torch
 from torch import nn
 
 from danlu.data.loader import Batch, BatchLoader
-from danlu.device import resolve_device, resolve_precision
+from danlu.device import grad_scaler, resolve_device, resolve_precision
 from danlu.errors import ConfigError
 from danlu.evaluate.metrics import lower_is_better
 from danlu.rundir import RunDir
-from danlu.train import checkpoint
+from danlu.train import checkpoint, distributed
 from danlu.train.optim import Schedule, build_optimizer
 from danlu.train.progress import RunLog, trim_history
-from danlu.train.steps import train_step, validate
+from danlu.train.steps import NonFiniteGuard, train_step, validate
 
 
 @dataclass
@@ -50,6 +54,7 @@ class FitResult:
     device: str
     precision: str
     resumed_from: int | None
+    skipped_steps: int = 0  # steps whose non-finite loss/gradients were not applied
 
 
 class TrainingInterrupted(Exception):
@@ -94,6 +99,8 @@ def fit(
     grad_clip: float | None = None,
     grad_accum: int = 1,
     precision: str = "auto",
+    nonfinite: dict[str, Any] | None = None,  # {policy: stop|skip, max_consecutive}
+    compile_model: bool = False,  # torch.compile the model (in place) for training
     device: str = "auto",
     eval_every: int | None = None,
     log_every: int = 50,
@@ -106,6 +113,7 @@ def fit(
     metric_names: list[str] | None = None,
     show_progress: bool | None = None,
     privacy: Any = None,
+    on_evaluate: Callable[[int, dict[str, float]], None] | None = None,  # hook (danlu tune)
 ) -> FitResult:
     dev = resolve_device(device)
     prec = "fp32" if privacy is not None else resolve_precision(precision, dev)
@@ -118,23 +126,36 @@ def fit(
         key="train.early_stopping.metric",
     )
     model.to(dev)
+    if compile_model:  # in place: state_dict keeps its names (no "_orig_mod." prefix)
+        model.compile()
+    scaler, guard = grad_scaler(dev, prec), NonFiniteGuard(run, **(nonfinite or {}))
     per_epoch = math.ceil(len(train_loader) / grad_accum)
     total = max_steps or (epochs or 1) * per_epoch
+    par = distributed.current()  # torchrun: rank, DDP/FSDP, sharding (one process: no-ops)
+    par.check(train_loader.batch_size, privacy)
+    net = par.wrap(model)  # what trains; `model` (unwrapped) is what checkpoints hold
+    train_loader, train_objective = par.shard(train_loader), par.weighted(objective)
     opt = build_optimizer(model, **(optimizer or {"name": "adamw", "lr": 1e-3}))
     if privacy is not None:
         opt = privacy.attach(model, opt)
     sched = Schedule(
         opt, total_steps=total, lower_is_better=lower_is_better(monitor), **(schedule or {})
     )
-    state, resumed_from = _State(), None
-    if resume and (path := checkpoint.latest(run)) is not None:
-        saved = checkpoint.load(path, model=model, optimizer=opt)
-        sched.load_state_dict(saved.pop("schedule"))
-        state = _State(**{k: v for k, v in saved.items() if k in _State.__dataclass_fields__})
+    state, resumed_from, restored = _State(), None, None
+    if resume:  # the newest checkpoint that restores; unreadable ones are set aside
+        extras = functools.partial(_restore, sched=sched, guard=guard, scaler=scaler)
+        restored = par.main_first(  # rank 0 sets unreadable ones aside before the others look
+            lambda: checkpoint.restore_latest(run, model=model, optimizer=opt, apply=extras),
+            "restoring the checkpoint",
+        )
+    if restored is not None:
+        state = restored.applied
         resumed_from = state.step
-        trim_history(run, state.step)
+        if par.is_main:
+            trim_history(run, state.step)
     sched.apply(state.step)
-    log = (RunLog if privacy is None else privacy.run_log)(
+    logger = RunLog if privacy is None else privacy.run_log
+    log = (logger if par.is_main else distributed.QuietLog)(
         run, total_steps=total, start_step=state.step, tensorboard=tensorboard, show=show_progress
     )
     loop = _Loop(
@@ -157,8 +178,13 @@ def fit(
         checkpoint_every=checkpoint_every,
         keep=keep_checkpoints,
         batches_per_epoch=len(train_loader),
+        on_evaluate=on_evaluate,
+        guard=guard,
+        scaler=scaler,
     )
     with log, _StopSignals() as signals:
+        for line in restored.notes if restored is not None else []:
+            log.note(line)
         if resumed_from is not None:
             log.note(f"resumed from step {state.step} (epoch {state.epoch}, batch {state.batch})")
         log.note(
@@ -166,12 +192,19 @@ def fit(
             f"({len(train_loader)} batches per epoch, {per_epoch} steps per epoch)"
         )
         model.train()
-        step = train_step if privacy is None else privacy.step
+        step = (
+            functools.partial(train_step, scaler=scaler, guard=guard)
+            if privacy is None
+            else privacy.step
+        )
         while not loop.done:
             for micro in _groups(train_loader, state, grad_accum):
-                loss = step(model, objective, micro, opt, dev, prec, grad_clip, l1)
-                loop.after_step(micro, loss)
-                if signals.received:
+                par.mark(state.step + 1, "forward/backward")
+                loss = step(net, train_objective, micro, opt, dev, prec, grad_clip, l1)
+                # skipped: not applied (NaN/Inf); raises TrainingDiverged if the policy says stop
+                skipped = guard.settle(loss, micro, state.step + 1, state.epoch, state.batch, log)
+                loop.after_step(micro, loss, skipped)
+                if par.agree(signals.received is not None, state.step):
                     loop.checkpoint()
                     raise TrainingInterrupted(run, state.step)
                 if loop.done:
@@ -190,7 +223,18 @@ def fit(
         str(dev),
         prec,
         resumed_from,
+        guard.skipped,
     )
+
+
+def _restore(saved: dict[str, Any], sched: Schedule, guard: NonFiniteGuard, scaler: Any) -> _State:
+    """The trainer state of a checkpoint, with its schedule, guard and grad-scaler states."""
+    sched.load_state_dict(saved.pop("schedule"))
+    guard.load_state_dict(saved.pop("nonfinite", {"skipped": 0, "consecutive": 0}))
+    scaler_state = saved.pop("scaler", None)
+    if scaler is not None and scaler_state:
+        scaler.load_state_dict(scaler_state)
+    return _State(**{k: v for k, v in saved.items() if k in _State.__dataclass_fields__})
 
 
 def _groups(loader: BatchLoader, state: _State, grad_accum: int) -> Iterator[list[Batch]]:
@@ -231,6 +275,9 @@ class _Loop:
         checkpoint_every: int | None,
         keep: int,
         batches_per_epoch: int,
+        on_evaluate: Callable[[int, dict[str, float]], None] | None = None,
+        guard: NonFiniteGuard | None = None,
+        scaler: Any = None,
     ) -> None:
         self.model, self.objective, self.val_loader, self.run = model, objective, val_loader, run
         self.opt, self.sched, self.log, self.state = opt, sched, log, state
@@ -242,6 +289,9 @@ class _Loop:
             checkpoint_every,
         )
         self.keep, self.batches_per_epoch = keep, batches_per_epoch
+        self.on_evaluate = on_evaluate  # called after each logged evaluation; may raise to stop
+        self.guard, self.scaler = guard, scaler  # checkpointed with the trainer state
+        self.par = distributed.current()  # only rank 0 validates and writes
         self.t0, self.elapsed0 = time.perf_counter(), state.elapsed
         self.window_t, self.window_seen = time.perf_counter(), 0  # throughput of this process
 
@@ -249,15 +299,21 @@ class _Loop:
     def done(self) -> bool:
         return self.state.step >= self.total or self.state.stopped_early
 
-    def after_step(self, micro: list[Batch], loss: float) -> None:
+    def after_step(self, micro: list[Batch], loss: float, skipped: bool = False) -> None:
         s = self.state
         samples = sum(len(b) for b in micro)
         s.batch, s.step = s.batch + len(micro), s.step + 1
         self.sched.apply(s.step)
-        s.window_loss += loss * samples
-        s.window_samples += samples
+        if not skipped:  # a skipped step's loss is not finite: kept out of the logged mean
+            s.window_loss += loss * samples
+            s.window_samples += samples
         self.window_seen += samples
-        if s.step % self.log_every == 0 or s.step == self.total:
+        logged = s.step % self.log_every == 0 or s.step == self.total
+        if logged and self.par.active:  # the whole global batch's loss and throughput
+            s.window_loss, s.window_samples, self.window_seen = self.par.all_sum(
+                [s.window_loss, s.window_samples, self.window_seen], s.step
+            )
+        if logged and s.window_samples:
             now = time.perf_counter()
             self.log.train(
                 s.step,
@@ -286,13 +342,20 @@ class _Loop:
     def evaluate(self) -> None:
         s = self.state
         s.last_eval = s.step
-        metrics = validate(self.model, self.objective, self.val_loader, self.dev, self.prec)
+        metrics = self.par.main_only(  # rank 0 scores, every rank gets the numbers
+            lambda: validate(self.model, self.objective, self.val_loader, self.dev, self.prec),
+            f"validation at step {s.step}",
+            share=lambda m: m,
+            receive=lambda m: m,
+        )
         value = metrics.get(self.monitor, math.nan)  # e.g. roc_auc on a one-class split
         best = s.best_value is None or _better(value, s.best_value, self.monitor, 0.0)
-        if best and not math.isnan(value):
+        if best and not math.isnan(value) and self.par.is_main:
             s.best_value, s.best_step = value, s.step
             checkpoint.save_weights(self.run, self.model, step=s.step, **{self.monitor: value})
         self.log.evaluation(s.step, s.epoch, metrics, best)
+        if self.on_evaluate is not None:  # danlu tune: report to the pruner (may raise)
+            self.on_evaluate(s.step, metrics)
         if self.sched.observe(value):
             self.sched.apply(s.step)
             self.log.note(
@@ -316,18 +379,30 @@ class _Loop:
             return
         s.last_ckpt = s.step
         s.elapsed = self.elapsed0 + time.perf_counter() - self.t0
+        if not self.par.is_main:
+            return
         checkpoint.save(
             self.run,
             s.step,
             model=self.model,
             optimizer=self.opt,
-            state={**asdict(s), "schedule": self.sched.state_dict()},
+            state={**asdict(s), "schedule": self.sched.state_dict(), **self._extra_state()},
             keep=self.keep,
             protect=s.best_step,
         )
 
+    def _extra_state(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.guard is not None:
+            extra["nonfinite"] = self.guard.state_dict()
+        if self.scaler is not None:
+            extra["scaler"] = self.scaler.state_dict()
+        return extra
+
     def finish(self) -> None:
         s = self.state
+        if self.guard is not None and self.guard.skipped:
+            self.log.note(f"{self.guard.skipped} steps skipped (non-finite loss or gradients)")
         if self.val_loader is not None and s.last_eval != s.step:
             self.evaluate()
         if s.stopped_early:
@@ -335,7 +410,7 @@ class _Loop:
                 f"early stopping at step {s.step}: {self.stop_metric} did not "
                 f"improve for {s.bad_evals} evaluations"
             )
-        if self.val_loader is None:
+        if self.val_loader is None and self.par.is_main:
             checkpoint.save_weights(self.run, self.model, step=s.step)
         self.checkpoint()
         s.elapsed = self.elapsed0 + time.perf_counter() - self.t0

@@ -13,6 +13,7 @@ from typing import Any
 import psutil
 
 from danlu.rundir import RunDir, atomic_write_text
+from danlu.train import tracking
 
 SHOWN = ("loss", "accuracy", "f1_macro", "rmse", "mae", "r2")
 
@@ -84,6 +85,7 @@ class RunLog:
             for key, value in record.items():
                 if key not in ("step", "epoch") and isinstance(value, (int, float)):
                     self.tb.add_scalar(key.replace("_", "/", 1), value, record["step"])
+        tracking.forward(self.run, record)  # to MLflow when the run is tracked
 
     def train(self, step: int, epoch: int, loss: float, lr: float, samples_per_s: float) -> None:
         elapsed = time.perf_counter() - self.t0
