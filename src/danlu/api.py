@@ -199,9 +199,8 @@ def train(
     )
     val_loader = bundle.loader("val", t.eval_batch_size or 2 * t.batch_size, device=device)
 
-    if not par.is_main:
-        pass  # rank 0 keeps the lineage
-    elif resume is None or not run.lineage.is_file():
+    fresh = resume is None or not run.lineage.is_file()
+    if par.is_main and fresh:  # rank 0 keeps the lineage
         start_lineage(
             run,
             cfg,
@@ -215,7 +214,7 @@ def train(
                    if par.active else {}),
             },
         )  # fmt: skip
-    else:
+    elif par.is_main:
         lineage = run.read("lineage.json")
         update_lineage(run, status="running", resumes=[*lineage.get("resumes", []), now()])
         if private is not None and lineage.get("privacy"):  # keep the σ the run started with
