@@ -182,7 +182,10 @@ def serve(ctx: Context) -> dict[str, Any]:
                     fix="pass another port (--port P, or serve.port=P; 0 = any free port)",
                 ) from None
     url = f"http://{settings.host}:{settings.port}/" if settings.port else None
-    run_server([ref], settings, announce=ctx.say)
+    try:
+        run_server([ref], settings, announce=ctx.say)
+    except KeyboardInterrupt:  # Ctrl-C is how a server is stopped: the stage ends normally
+        ctx.say("serve: stopped")
     return {"ref": ref, "url": url, "result": f"served {ref}" + (f" at {url}" if url else "")}
 
 
