@@ -296,6 +296,7 @@ def in_flight(url: str) -> float:
     return float(re.search(r"^danlu_in_flight_requests (\S+)$", text, re.M).group(1))
 
 
+@pytest.mark.slow  # timing-sensitive: once reset a connection on a machine at load 7
 def test_sigterm_drains_in_flight_requests_and_exits_0(runs, row_label, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
