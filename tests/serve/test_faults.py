@@ -296,7 +296,6 @@ def in_flight(url: str) -> float:
     return float(re.search(r"^danlu_in_flight_requests (\S+)$", text, re.M).group(1))
 
 
-@pytest.mark.slow  # timing-sensitive: once reset a connection on a machine at load 7
 def test_sigterm_drains_in_flight_requests_and_exits_0(runs, row_label, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -325,9 +324,11 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(runs, row_label, tmp_path
         proc.send_signal(signal.SIGTERM)
 
         def refused() -> bool:
+            # A probe that reaches the listening socket as it closes is accepted by the kernel
+            # and then reset: not served either, so it counts as refused (any server does this).
             try:
                 httpx.get(f"{url}/health", timeout=2)
-            except httpx.ConnectError:
+            except (httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError):
                 return True
             return False
 
