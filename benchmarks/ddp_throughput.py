@@ -1,4 +1,4 @@
-"""DDP throughput: 2 processes (`danlu train --nproc 2`) against 1 process on the same machine.
+"""DDP and FSDP throughput: 2 processes (`danlu train --nproc 2`) against 1 process, one machine.
 
     .venv/bin/python benchmarks/ddp_throughput.py [--steps 300] [--batch 256] [--hidden 512]
 
@@ -9,7 +9,9 @@ cores (torch threads = cores); each DDP rank gets cores / 2 threads. On a machin
 cores DDP is not expected to win: the two ranks split the same cores the single process already
 used for its matmuls, and add an all-reduce of every gradient per step (gloo over loopback) and
 the Python overhead of a second process. DDP pays off across GPUs or nodes, not across the
-cores of one small CPU.
+cores of one small CPU. FSDP (`train.strategy=fsdp`) adds more communication per step (gather
+the parameters for forward and again for backward, reduce-scatter the gradients) in exchange
+for 1/W of the memory per process: it is there for models that do not fit, not for speed.
 """
 
 from __future__ import annotations
@@ -39,7 +41,12 @@ def write_data(folder: Path, rows: int = 20_000, features: int = 32) -> Path:
 
 
 def run(
-    folder: Path, name: str, nproc: int, args: argparse.Namespace, threads: int | None = None
+    folder: Path,
+    name: str,
+    nproc: int,
+    args: argparse.Namespace,
+    threads: int | None = None,
+    strategy: str = "auto",
 ) -> dict:
     config = {
         "name": name,
@@ -56,6 +63,7 @@ def run(
             "precision": "fp32",
             "estimate": False,
             "threads": threads,
+            "strategy": strategy,
         },
     }
     (folder / f"{name}.yaml").write_text(yaml.safe_dump(config))
@@ -68,7 +76,9 @@ def run(
     lineage = json.loads((folder / name / "lineage.json").read_text())
     seconds = lineage["train_seconds"]
     return {
-        "processes": f"{nproc}" + (f" ({threads} thread)" if threads else ""),
+        "processes": f"{nproc}"
+        + (f" ({threads} thread)" if threads else "")
+        + (f" {strategy}" if strategy != "auto" else ""),
         "train_s": seconds,
         "wall_s": wall,
         "samples_per_s": args.steps * args.batch / seconds,
@@ -87,10 +97,11 @@ def main() -> None:
         one = run(folder, "one", 1, args)
         single = run(folder, "single", 1, args, threads=1)  # what each DDP rank gets here
         two = run(folder, "two", 2, args)
+        fsdp = run(folder, "fsdp", 2, args, strategy="fsdp")
     print(f"machine: {os.cpu_count()} cores · MLP 32→{args.hidden}→{args.hidden}→3 · "
           f"global batch {args.batch} · {args.steps} steps · fp32")  # fmt: skip
     print(f"{'processes':>14} {'samples/s':>10} {'train s':>8} {'wall s':>7}")
-    for r in (one, single, two):
+    for r in (one, single, two, fsdp):
         print(
             f"{r['processes']:>14} {r['samples_per_s']:>10,.0f} {r['train_s']:>8.1f} "
             f"{r['wall_s']:>7.1f}"
@@ -98,6 +109,9 @@ def main() -> None:
     print(f"DDP 2 processes / 1 process: {two['samples_per_s'] / one['samples_per_s']:.2f}×")
     print(f"DDP 2 processes / 1 process with 1 thread: "
           f"{two['samples_per_s'] / single['samples_per_s']:.2f}×")  # fmt: skip
+    print(f"FSDP 2 processes / 1 process: {fsdp['samples_per_s'] / one['samples_per_s']:.2f}×")
+    print(f"FSDP 2 processes / DDP 2 processes: "
+          f"{fsdp['samples_per_s'] / two['samples_per_s']:.2f}×")  # fmt: skip
 
 
 if __name__ == "__main__":

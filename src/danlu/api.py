@@ -34,6 +34,7 @@ __all__ = [
     "train",
 ]
 from danlu.config import Config
+from danlu.device import resolve_precision
 from danlu.errors import ConfigError, DataError
 from danlu.evaluate.metrics import metric_names
 from danlu.evaluate.run import build_data, evaluate_run
@@ -209,6 +210,8 @@ def train(
                 "parameters": total,
                 "trainable_parameters": trainable,
                 "data_sizes": bundle.card["sizes"],
+                # what precision "auto" chose here, known before the first step (issue 6)
+                "precision": "fp32" if private else resolve_precision(t.precision, par.device),
                 **({"privacy": private.summary(private.planned_steps)} if private else {}),
                 **({"distributed": {"processes": par.world, "strategy": par.strategy}}
                    if par.active else {}),

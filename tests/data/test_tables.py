@@ -310,6 +310,18 @@ def test_non_numeric_value_in_numeric_column() -> None:
     assert "data.columns.a: categorical" in msg
 
 
+@pytest.mark.parametrize("cell", ["inf", "-Infinity", "1e999"])
+def test_infinite_value_in_numeric_column_names_row_and_column(cell: str) -> None:
+    frame = _frame()
+    frame["a"] = frame["a"].astype(object)
+    frame.loc[5, "a"] = cell
+    with pytest.raises(DataError) as e:
+        build(dataset=_csv(frame), label="y")
+    msg = str(e.value)
+    assert "t.csv: row 6, column 'a': value " in msg and "column 'a'" in msg
+    assert "infinite (1 infinite in that column)" in msg and "leave the cell empty" in msg
+
+
 def test_declared_numeric_on_text_column() -> None:
     with pytest.raises(DataError, match=r"row \d+, column 's': value '[uvw]' is not a number"):
         build(dataset=_csv(_frame()), label="y", columns={"s": "numeric"})

@@ -27,9 +27,11 @@ STEPS = 12
 Runs = tuple[Path, tuple[int, str, str]]  # the runs' folder; the hung run's (status, out, err)
 
 
-def danlu(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+def danlu(
+    cwd: Path, *args: str, env: dict[str, str] | None = None, command: str = "train"
+) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "danlu", "train", *args],
+        [sys.executable, "-m", "danlu", command, *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -51,6 +53,25 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     """A: one process; B: two processes; C: two processes for 6 steps, resumed by one; H: two
     processes, rank 1 hangs. All start together (the start-ups dominate; 2 cores)."""
     root = tmp_path_factory.mktemp("ddp")
+    write_blobs(root)
+    procs = {
+        "A": danlu(root, "c.yaml", "--run-dir", "A"),
+        "B": danlu(root, "c.yaml", "--nproc", "2", "--run-dir", "B"),
+        "C": danlu(root, "c.yaml", "train.max_steps=6", "--nproc", "2", "--run-dir", "C"),
+    }
+    hang = ["c.yaml", "train.collective_timeout_s=3", "--nproc", "2", "--run-dir", "H"]
+    hung = danlu(root, *hang, env=HANG)
+    for name, proc in procs.items():
+        code, _, err = finish(proc)
+        assert code == 0, f"run {name}: {err[-2000:]}"
+    resumed = danlu(root, "--resume", "C", f"train.max_steps={STEPS}")
+    code, _, err = finish(resumed)
+    assert code == 0, err[-2000:]
+    return root, finish(hung)
+
+
+def write_blobs(root: Path) -> None:
+    """blobs.csv (3 classes in 2-D) and c.yaml, the MLP config every run here starts from."""
     rng = np.random.default_rng(0)
     n = 123  # 87 training rows: the last batch of 10 splits 4 / 3 (unequal shards)
     y = np.arange(n) % 3
@@ -75,20 +96,6 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         },
     }
     (root / "c.yaml").write_text(yaml.safe_dump(config))
-    procs = {
-        "A": danlu(root, "c.yaml", "--run-dir", "A"),
-        "B": danlu(root, "c.yaml", "--nproc", "2", "--run-dir", "B"),
-        "C": danlu(root, "c.yaml", "train.max_steps=6", "--nproc", "2", "--run-dir", "C"),
-    }
-    hang = ["c.yaml", "train.collective_timeout_s=3", "--nproc", "2", "--run-dir", "H"]
-    hung = danlu(root, *hang, env=HANG)
-    for name, proc in procs.items():
-        code, _, err = finish(proc)
-        assert code == 0, f"run {name}: {err[-2000:]}"
-    resumed = danlu(root, "--resume", "C", f"train.max_steps={STEPS}")
-    code, _, err = finish(resumed)
-    assert code == 0, err[-2000:]
-    return root, finish(hung)
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
@@ -188,3 +195,117 @@ def test_diagnose_and_argv() -> None:
         "c.yaml",
         "a=1",
     ]
+
+
+# ------------------------------------------------------------------------------------- FSDP
+FSDP = ["train.strategy=fsdp", "--nproc", "2"]
+
+
+@pytest.fixture(scope="module")
+def fsdp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """On the MLP: A, one process; F, FSDP on 2; R, FSDP on 2 for 6 steps, resumed by one
+    process; S, one process for 6 steps, resumed by FSDP on 2. `danlu pretrain` of a 2-layer
+    GPT (each block its own FSDP unit, the tied embedding with the root): G1 on one process,
+    G2 on 2 with FSDP."""
+    root = tmp_path_factory.mktemp("fsdp")
+    write_blobs(root)
+    words = ["in", "the", "beginning", "god", "created", "heavens", "and", "earth", "."]
+    rng = np.random.default_rng(1)
+    (root / "corpus").mkdir()
+    for d in range(6):
+        (root / "corpus" / f"doc{d}.txt").write_text(" ".join(rng.choice(words, 200)) + "\n")
+    lm = {
+        "name": "lm",
+        "seed": 0,
+        "data": {
+            "dataset": "corpus",
+            "task": "language_modeling",
+            "tokenizer": {"type": "char", "vocab_size": 64},
+            "block_size": 32,
+            "split": {"val": 0.1, "test": 0.0},
+        },
+        "model": {"type": "gpt", "num_layers": 2, "dim": 32, "num_heads": 2},
+        "train": {
+            "max_steps": STEPS,
+            "batch_size": 8,
+            "log_every": 4,
+            "eval_every": 4,
+            "checkpoint_every": 4,
+            "tensorboard": False,
+            "precision": "fp32",
+            "estimate": False,
+            "grad_clip": 1.0,
+            "optimizer": {"name": "adamw", "lr": 0.005},
+        },
+    }
+    (root / "lm.yaml").write_text(yaml.safe_dump(lm))
+    first = {
+        "A": danlu(root, "c.yaml", "--run-dir", "A"),
+        "F": danlu(root, "c.yaml", *FSDP, "--run-dir", "F"),
+        "R": danlu(root, "c.yaml", "train.max_steps=6", *FSDP, "--run-dir", "R"),
+        "S": danlu(root, "c.yaml", "train.max_steps=6", "--run-dir", "S"),
+        "G1": danlu(root, "lm.yaml", "--run-dir", "G1", command="pretrain"),
+        "G2": danlu(root, "lm.yaml", *FSDP, "--run-dir", "G2", command="pretrain"),
+    }
+    for name, proc in first.items():
+        code, _, err = finish(proc)
+        assert code == 0, f"run {name}: {err[-2000:]}"
+    then = {
+        "R": danlu(root, "--resume", "R", f"train.max_steps={STEPS}"),
+        "S": danlu(root, "--resume", "S", f"train.max_steps={STEPS}", *FSDP),
+    }
+    for name, proc in then.items():
+        code, _, err = finish(proc)
+        assert code == 0, f"resuming {name}: {err[-2000:]}"
+    return root
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=atol, rtol=0, msg=key)
+
+
+def test_fsdp_matches_one_process_and_writes_full_states(fsdp: Path) -> None:
+    assert_same_weights(weights(fsdp / "A"), weights(fsdp / "F"), 1e-5)
+    # model.safetensors (best weights, saved after a validation) is the full model too
+    best_a = load_file(str(fsdp / "A" / "model.safetensors"))
+    assert_same_weights(best_a, load_file(str(fsdp / "F" / "model.safetensors")), 1e-5)
+    # the optimizer state keeps torch's own layout: full moments, indexed like one process
+    opt_a, opt_f = (
+        torch.load(fsdp / r / "checkpoints" / f"step-{STEPS}" / "optimizer.pt", weights_only=True)
+        for r in ("A", "F")
+    )
+    assert opt_f["param_groups"] == opt_a["param_groups"]
+    for index, moments in opt_a["state"].items():
+        for key, value in moments.items():
+            torch.testing.assert_close(opt_f["state"][index][key], value, atol=1e-5, rtol=0)
+    lineage = json.loads((fsdp / "F" / "lineage.json").read_text())
+    assert lineage["distributed"] == {"processes": 2, "strategy": "fsdp"}
+    evals = [r for r in history(fsdp / "F") if r["split"] == "val"]
+    assert [r["step"] for r in evals] == [4, 8, 12]  # scored once per evaluation, by rank 0
+    a_evals = [r for r in history(fsdp / "A") if r["split"] == "val"]
+    np.testing.assert_allclose([r["val_loss"] for r in evals], [r["val_loss"] for r in a_evals],
+                               atol=1e-5)  # fmt: skip
+
+
+def test_fsdp_resumes_on_one_process_and_the_other_way_round(fsdp: Path) -> None:
+    a = weights(fsdp / "A")
+    assert_same_weights(a, weights(fsdp / "R"), 1e-5)  # FSDP checkpoint → one process
+    assert_same_weights(a, weights(fsdp / "S"), 1e-5)  # one-process checkpoint → FSDP
+
+
+def test_fsdp_pretrains_a_gpt_like_one_process(fsdp: Path) -> None:
+    one, two = weights(fsdp / "G1"), weights(fsdp / "G2")
+    assert "tok_emb.weight" in one and len(one) == 28  # the LM head is the tied embedding
+    assert_same_weights(one, two, 1e-4)
+
+
+def test_fsdp_units_are_the_repeated_layers() -> None:
+    from danlu.models.gpt import GPT
+    from danlu.train.distributed import _layers
+
+    gpt = GPT(50, 16, num_layers=3, dim=16, num_heads=2)
+    assert _layers(gpt) == list(gpt.blocks)
+    gpt.blocks[1].attn.qkv.weight = gpt.blocks[0].attn.qkv.weight  # shared across two layers
+    assert _layers(gpt) == [gpt.blocks[2]]  # the sharing pair stays with the root's unit

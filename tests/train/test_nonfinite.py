@@ -184,17 +184,17 @@ def test_skip_stops_after_max_consecutive(tmp_path):
     assert skipped == [diag["step"] - 2, diag["step"] - 1]  # the third one stopped the run
 
 
-def test_cli_a_table_with_an_inf_cell_stops_with_one_line(tmp_path):
-    """What a user hits: an unnormalized numeric column holding `inf` in one row."""
+def test_cli_divergence_and_an_inf_cell_each_stop_with_one_line(tmp_path):
+    """What a user hits: a learning rate far too high; a numeric column holding `inf`."""
     rng = np.random.default_rng(0)
     y = np.arange(90) % 3
     pts = np.array([[0, 0], [4, 4], [0, 4]])[y] + rng.normal(0, 0.5, (90, 2))
     lines = ["a,b,kind"] + [f"{p[0]:.3f},{p[1]:.3f},k{c}" for p, c in zip(pts, y, strict=True)]
-    lines[10] = "inf,1.0,k0"
     (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
     cfg = tiny_config(
         str(tmp_path / "t.csv"),
-        data={"label": "kind", "normalize": False, "split": {"val": 0.0, "test": 0.0}},
+        data={"label": "kind", "split": {"val": 0.0, "test": 0.0}},
+        train={"optimizer": {"name": "sgd", "lr": 1.0e20}},
     )
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     r = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml"), "--run-dir", "R"])
@@ -205,13 +205,22 @@ def test_cli_a_table_with_an_inf_cell_stops_with_one_line(tmp_path):
     lineage = json.loads((tmp_path / "R" / "lineage.json").read_text())
     assert lineage["status"] == "failed"
 
-    # the same table with train.nonfinite.policy: skip trains through
-    cfg["train"]["nonfinite"] = {"policy": "skip"}
+    # policy skip: every step is bad here, so max_consecutive of them in a row stop the run
+    cfg["train"]["nonfinite"] = {"policy": "skip", "max_consecutive": 3}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     r = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml"), "--run-dir", "S"])
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 2, r.output
+    assert "3 steps in a row were not finite" in r.stderr
     skipped = [h for h in _history(RunDir(tmp_path / "S")) if h["split"] == "skipped"]
-    assert len(skipped) == 3  # the inf row once per epoch
+    assert len(skipped) == 2  # the third one stops the run instead
+
+    # an inf cell never reaches training: loading names the file, row and column
+    lines[10] = "inf,1.0,k0"
+    (tmp_path / "t.csv").write_text("\n".join(lines) + "\n")
+    r = CliRunner().invoke(app, ["train", str(tmp_path / "c.yaml"), "--run-dir", "T"])
+    assert r.exit_code == 2, r.output
+    assert "t.csv: row 10, column 'a': value inf is infinite" in r.stderr
+    assert not (tmp_path / "T").exists()
 
 
 def test_the_reported_checkpoint_has_finite_weights(tmp_path):

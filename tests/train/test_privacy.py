@@ -291,6 +291,7 @@ def test_cli_prints_the_key_and_exits_2(blobs_csv: Path):
         ({"grad_clip": 1.0}, "train.grad_clip: 1.0 does not combine with train.privacy"),
         ({"sampler": "weighted"}, "train.sampler: weighted does not combine with train.privacy"),
         ({"l1": 0.01}, "train.l1: 0.01 does not combine with train.privacy"),
+        ({"nonfinite": {"policy": "skip"}}, "train.nonfinite.policy: skip does not combine"),
     ],
 )
 def test_settings_dp_cannot_honour_are_refused(blobs_csv: Path, train: dict, message: str):

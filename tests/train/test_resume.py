@@ -264,6 +264,7 @@ def test_sigterm_checkpoints_exits_130_and_resumes_identically(runs):
     assert f"training stopped at step {step};" in log
     lineage = json.loads((run / "lineage.json").read_text())
     assert lineage["status"] == "interrupted" and lineage["ended"]
+    assert lineage["precision"] == "fp32"  # recorded at the start, not only on completion
 
     resume(root, run, "C")
     assert f"resumed from step {step} " in log_text(root, "C")

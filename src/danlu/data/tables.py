@@ -176,6 +176,16 @@ def numeric_or_error(values: pd.Series, origin: str) -> pd.Series:
             "not a number but the column is numeric",
             fix=f"fix the value, or declare data.columns.{values.name}: categorical",
         )
+    infinite = np.isinf(parsed.to_numpy(dtype="float64", na_value=np.nan))
+    if infinite.any():  # "inf" parses, then turns every mean, scale and loss into NaN
+        i = parsed.index[int(infinite.argmax())]
+        shown = repr(values[i]) if isinstance(values[i], str) else f"{float(values[i])}"
+        raise DataError(
+            f"{origin}: {row_name(values, i)}, column '{values.name}': value {shown} is "
+            f"infinite ({int(infinite.sum())} infinite in that column)",
+            fix="replace it with a finite number, or leave the cell empty (data.missing "
+            "decides what an empty cell becomes)",
+        )
     return parsed.astype("float64")
 
 

@@ -82,16 +82,15 @@ def save(
     run: RunDir,
     step: int,
     *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
     state: dict[str, Any],
     keep: int,
     protect: int | None = None,
 ) -> Path:
-    """Write checkpoints/step-<step>/ atomically, then keep the last `keep` and `protect`."""
+    """Write checkpoints/step-<step>/ atomically, then keep the last `keep` and `protect`.
+    `weights` and `optimizer_state` are full states (train.sharded gathers them under FSDP)."""
     from safetensors.torch import save_file
-
-    from danlu.models import state_for_saving
 
     root = run.checkpoints
     root.mkdir(parents=True, exist_ok=True)
@@ -99,9 +98,9 @@ def save(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(state_for_saving(model), str(tmp / "model.safetensors"))
+    save_file(weights, str(tmp / "model.safetensors"))
     _test_pause()
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(optimizer_state, tmp / "optimizer.pt")
     _test_pause()
     torch.save(rng_state(), tmp / "rng.pt")
     _test_pause()
@@ -181,7 +180,7 @@ def _load(
     """`load` without the error wrapping; every file is read before anything is restored."""
     from safetensors.torch import load_file
 
-    from danlu.models import restore
+    from danlu.train import sharded
 
     state = _read(path / "state.json", lambda p: json.loads(p.read_text(encoding="utf-8")))
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
@@ -191,9 +190,9 @@ def _load(
     optim = _read(path / "optimizer.pt", torch_load) if optimizer is not None else None
     rng = _read(path / "rng.pt", torch_load)
     try:
-        restore(model, weights)
+        sharded.load_model_state(model, weights)  # FSDP: each rank keeps its shard
         if optimizer is not None:
-            optimizer.load_state_dict(optim)
+            sharded.load_optimizer_state(optimizer, optim)
     except Exception as e:
         raise _Mismatch(f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}") from None
     set_rng_state(rng)
@@ -294,8 +293,6 @@ def quarantine(path: Path) -> Path:
     return target
 
 
-def save_weights(run: RunDir, model: torch.nn.Module, **meta: Any) -> None:
-    """The run's model.safetensors: the weights every later stage uses."""
-    from danlu.models import state_for_saving
-
-    save_safetensors(run.weights, state_for_saving(model), {k: str(v) for k, v in meta.items()})
+def save_weights(run: RunDir, weights: dict[str, torch.Tensor], **meta: Any) -> None:
+    """The run's model.safetensors: the weights every later stage uses (a full state)."""
+    save_safetensors(run.weights, weights, {k: str(v) for k, v in meta.items()})

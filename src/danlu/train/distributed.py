@@ -6,8 +6,10 @@ the same. When torchrun's RANK / WORLD_SIZE / LOCAL_RANK are set, `setup` joins 
 group (gloo on CPU, nccl on cuda:LOCAL_RANK) and `current()` answers the rank questions for the
 rest of the code; without them it is a one-process `Parallel` whose methods do nothing.
 
-- Model: DDP by default, FSDP2 (`fully_shard` per child module, then the root) with
-  `train.strategy: fsdp`. Checkpoints always hold the unwrapped model's full state.
+- Model: DDP by default, FSDP2 (`fully_shard` per repeated layer, then the root) with
+  `train.strategy: fsdp`. Checkpoints and model.safetensors always hold the full state, in the
+  one-process layout (train/sharded.py gathers it on every rank; rank 0 writes); under FSDP
+  every rank runs validation, since each forward all-gathers the layers.
 - Data: `train.batch_size` is the GLOBAL batch. Every rank reads the same global batch b of
   epoch e (the order is a function of seed and epoch) and keeps its slice; the data position is
   counted in global batches, so it does not depend on the process count. A shard of n_r of the
@@ -80,6 +82,11 @@ class Parallel:
     @property
     def active(self) -> bool:
         return self.world > 1
+
+    @property
+    def gathers(self) -> bool:
+        """FSDP: full states and validation need every rank (train/sharded.py)."""
+        return self.active and self.strategy == "fsdp"
 
     # ---------------------------------------------------------------- collectives
     def mark(self, step: int | None, phase: str, collective: bool = False) -> None:
@@ -160,12 +167,6 @@ class Parallel:
                 "train.privacy (DP-SGD) does not run on several processes",
                 fix="train with one process (no --nproc) when train.privacy is set",
             )
-        if self.strategy == "fsdp":  # see the report: gathering for rank 0 is not wired yet
-            raise ConfigError(
-                "train.strategy: fsdp is not available yet: validation on rank 0 and the "
-                "checkpoints need the sharded parameters gathered on every rank first",
-                fix="use train.strategy: ddp (the default) for now",
-            )
         if batch_size % self.world:
             raise ConfigError(
                 f"train.batch_size: {batch_size} (the global batch) is not divisible by the "
@@ -181,9 +182,8 @@ class Parallel:
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for child in model.children():
-                if any(p.requires_grad for p in child.parameters()):
-                    fully_shard(child)
+            for layer in _layers(model):  # each repeated layer gathers on its own, then the rest
+                fully_shard(layer)
             wrapped = fully_shard(model)
         else:
             from torch.nn.parallel import DistributedDataParallel as DDP
@@ -211,6 +211,27 @@ class Parallel:
             self.watchdog.stop()
         if self.active and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """FSDP's units: the elements of the outermost nn.ModuleLists (Transformer blocks, LSTM
+    layers) whose parameters appear nowhere else; a tied weight stays with the root's unit."""
+    counts: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        counts[id(p)] = counts.get(id(p), 0) + 1
+    found: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            params = list(child.parameters())
+            if isinstance(module, nn.ModuleList) and params:
+                if all(counts[id(p)] == 1 for p in params):
+                    found.append(child)
+            else:
+                visit(child)
+
+    visit(model)
+    return found
 
 
 def _marked_allreduce(par: Parallel, bucket: Any) -> torch.futures.Future:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import functools
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -36,7 +34,8 @@ from danlu.device import grad_scaler, resolve_device, resolve_precision
 from danlu.errors import ConfigError
 from danlu.evaluate.metrics import lower_is_better
 from danlu.rundir import RunDir
-from danlu.train import checkpoint, distributed
+from danlu.signals import StopSignals
+from danlu.train import checkpoint, distributed, sharded
 from danlu.train.optim import Schedule, build_optimizer
 from danlu.train.progress import RunLog, trim_history
 from danlu.train.steps import NonFiniteGuard, train_step, validate
@@ -195,7 +194,7 @@ def fit(
         step = (
             functools.partial(train_step, scaler=scaler, guard=guard)
             if privacy is None
-            else privacy.step
+            else functools.partial(privacy.step, guard=guard)
         )
         while not loop.done:
             for micro in _groups(train_loader, state, grad_accum):
@@ -342,17 +341,23 @@ class _Loop:
     def evaluate(self) -> None:
         s = self.state
         s.last_eval = s.step
-        metrics = self.par.main_only(  # rank 0 scores, every rank gets the numbers
-            lambda: validate(self.model, self.objective, self.val_loader, self.dev, self.prec),
-            f"validation at step {s.step}",
-            share=lambda m: m,
-            receive=lambda m: m,
+        score = functools.partial(
+            validate, self.model, self.objective, self.val_loader, self.dev, self.prec
         )
+        if self.par.gathers:  # FSDP: every forward all-gathers, so every rank scores
+            self.par.mark(s.step, "validation")
+            metrics = score()
+        else:  # rank 0 scores, every rank gets the numbers
+            metrics = self.par.main_only(
+                score, f"validation at step {s.step}", share=lambda m: m, receive=lambda m: m
+            )
         value = metrics.get(self.monitor, math.nan)  # e.g. roc_auc on a one-class split
         best = s.best_value is None or _better(value, s.best_value, self.monitor, 0.0)
-        if best and not math.isnan(value) and self.par.is_main:
-            s.best_value, s.best_step = value, s.step
-            checkpoint.save_weights(self.run, self.model, step=s.step, **{self.monitor: value})
+        if best and not math.isnan(value):
+            weights = self._weights()
+            if self.par.is_main:
+                s.best_value, s.best_step = value, s.step
+                checkpoint.save_weights(self.run, weights, step=s.step, **{self.monitor: value})
         self.log.evaluation(s.step, s.epoch, metrics, best)
         if self.on_evaluate is not None:  # danlu tune: report to the pruner (may raise)
             self.on_evaluate(s.step, metrics)
@@ -379,17 +384,31 @@ class _Loop:
             return
         s.last_ckpt = s.step
         s.elapsed = self.elapsed0 + time.perf_counter() - self.t0
+        weights = self._weights()
+        optimizer_state = self._gathered(lambda: sharded.full_optimizer_state(self.opt))
         if not self.par.is_main:
             return
         checkpoint.save(
             self.run,
             s.step,
-            model=self.model,
-            optimizer=self.opt,
+            weights=weights,
+            optimizer_state=optimizer_state,
             state={**asdict(s), "schedule": self.sched.state_dict(), **self._extra_state()},
             keep=self.keep,
             protect=s.best_step,
         )
+
+    def _weights(self) -> dict[str, torch.Tensor] | None:
+        return self._gathered(lambda: sharded.full_model_state(self.model))
+
+    def _gathered(self, fn: Callable[[], Any]) -> Any:
+        """A full state on rank 0 (None on the others); under FSDP every rank gathers."""
+        if not self.par.gathers:
+            return fn() if self.par.is_main else None
+        self.par.mark(self.state.step, "gathering the full state", collective=True)
+        value = fn()
+        self.par.mark(self.state.step, "bookkeeping")
+        return value if self.par.is_main else None
 
     def _extra_state(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -410,8 +429,10 @@ class _Loop:
                 f"early stopping at step {s.step}: {self.stop_metric} did not "
                 f"improve for {s.bad_evals} evaluations"
             )
-        if self.val_loader is None and self.par.is_main:
-            checkpoint.save_weights(self.run, self.model, step=s.step)
+        if self.val_loader is None:
+            weights = self._weights()
+            if self.par.is_main:
+                checkpoint.save_weights(self.run, weights, step=s.step)
         self.checkpoint()
         s.elapsed = self.elapsed0 + time.perf_counter() - self.t0
 
@@ -437,23 +458,13 @@ def _check_monitor(
     return metric
 
 
-class _StopSignals:
+class _StopSignals(StopSignals):
     """SIGINT / SIGTERM set a flag; the loop checkpoints after the current step and stops."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.received: int | None = None
-        self.previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def on_signal(self, signum: int) -> None:
         self.received = signum
-        signal.signal(signum, self.previous.get(signum, signal.SIG_DFL))  # a second one kills
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        self.restore(signum)  # a second one kills

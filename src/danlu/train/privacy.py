@@ -124,6 +124,13 @@ def _check_settings(train: dict[str, Any], task: str, examples: int) -> None:
             raise ConfigError(
                 f"train.{key}: {train[key]} does not combine with train.privacy ({why})", fix=fix
             )
+    if (train.get("nonfinite") or {}).get("policy") == "skip":
+        raise ConfigError(
+            "train.nonfinite.policy: skip does not combine with train.privacy (a step skipped "
+            "because of its batch is a data-dependent choice the privacy analysis does not "
+            "count)",
+            fix="set train.nonfinite.policy: stop (a non-finite step stops the run unapplied)",
+        )
 
 
 def _below(examples: int) -> float:
@@ -286,9 +293,12 @@ class PrivateTraining:
         prec: str,
         grad_clip: float | None,
         l1: float,
+        *,
+        guard: Any = None,
     ) -> float:
         """One private step (steps.train_step's signature). An empty Poisson batch still
-        takes a step: the update is noise only, as the privacy analysis assumes."""
+        takes a step: the update is noise only, as the privacy analysis assumes. With a
+        `guard` (train.nonfinite: stop), a non-finite loss or gradient is never applied."""
         self._examples.rows = sum(len(b) for b in batches)
         if self._examples.rows == 0:
             opt.zero_grad(set_to_none=True)
@@ -296,7 +306,7 @@ class PrivateTraining:
             return 0.0
         with warnings.catch_warnings():  # the first layer's inputs are token ids or data
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            return train_step(model, objective, batches, opt, dev, prec, None, 0.0)
+            return train_step(model, objective, batches, opt, dev, prec, None, 0.0, guard=guard)
 
     def run_log(self, run: Any, **kwargs: Any) -> RunLog:
         """The run's log, whose train lines also carry the ε spent so far."""

@@ -31,7 +31,7 @@ from danlu.device import autocast
 from danlu.errors import DanluError
 from danlu.evaluate.metrics import scalars
 from danlu.rundir import RunDir, atomic_write_json
-from danlu.train import checkpoint
+from danlu.train import checkpoint, sharded
 
 SHOWN_PARAMETERS = 20  # names of parameters with non-finite gradients kept in the diagnostic
 
@@ -86,11 +86,24 @@ def train_step(
 
 
 def grad_norm(model: nn.Module) -> torch.Tensor | None:
-    """The global L2 norm of all gradients in one fused pass (NaN/Inf if any gradient is)."""
+    """The global L2 norm of all gradients in one fused pass (NaN/Inf if any gradient is).
+    Under FSDP the gradients are shards (DTensors): torch's total norm reduces across ranks."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return None
+    if sharded.is_sharded(model):
+        return _whole(nn.utils.get_total_norm(grads))
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
+def _whole(value: Any) -> Any:
+    """A DTensor result (a norm under FSDP) as a plain tensor; anything else as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def _local(grad: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a gradient (a DTensor shard under FSDP): checked without a collective."""
+    return grad.to_local() if hasattr(grad, "to_local") else grad
 
 
 class NonFiniteGuard:
@@ -112,7 +125,7 @@ class NonFiniteGuard:
         self, model: nn.Module, losses: list[float], norm: torch.Tensor | None, *, grads: bool
     ) -> bool:
         """True when the step may be applied; else the findings wait in `pending`."""
-        loss_ok = all(math.isfinite(v) for v in losses)
+        loss_ok, norm = all(math.isfinite(v) for v in losses), _whole(norm)
         if grads and loss_ok and norm is None:
             norm = grad_norm(model)
         grads_ok = not grads or norm is None or bool(torch.isfinite(norm))
@@ -123,7 +136,7 @@ class NonFiniteGuard:
         bad = [
             name
             for name, p in model.named_parameters()
-            if grads and p.grad is not None and not bool(torch.isfinite(p.grad).all())
+            if grads and p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all())
         ]
         self.pending = {
             "losses": losses,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ from danlu.config import Config, load, read_yaml, validate
 from danlu.config_tune import TuneConfig
 from danlu.errors import CheckpointError, ConfigError, DanluError
 from danlu.evaluate.metrics import lower_is_better
+from danlu.signals import StopSignals
 from danlu.train.steps import TrainingDiverged
 from danlu.tune import search_report, space
 from danlu.tune import study_dir as store
@@ -307,28 +307,18 @@ def _in_worker(fn: Callable[[], Any]) -> Any:
     return box["value"]
 
 
-class _Stopper:
+class _Stopper(StopSignals):
     """First SIGINT/SIGTERM: finish the current trial, then stop. Second: stop now."""
 
     def __init__(self, say: Callable[[str], None]) -> None:
+        super().__init__()
         self.say, self.requested = say, False
-        self.previous: dict[int, Any] = {}
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def on_signal(self, signum: int) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
         self.say("stopping after the current trial (Ctrl-C again to stop now)")
-
-    def __enter__(self) -> _Stopper:
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self.previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def _after(budget: int, metric: str, say: Callable[[str], None], stopper: _Stopper):
