@@ -170,10 +170,12 @@ def train(
 
         par.main_only(
             lambda: preflight(
-                model, objective, bundle, t.model_dump(), seed=cfg.seed, model_cfg=model_cfg
+                model, objective, bundle, t.model_dump(), seed=cfg.seed, model_cfg=model_cfg,
+                processes=par.world, local_processes=distributed.local_world(par.world),
+                sharded=par.gathers,
             ),
             "pre-flight estimate",
-        )
+        )  # fmt: skip
     if run is None:  # rank 0 creates it (a clash gets a suffix); the others open that one
         run = par.main_only(
             lambda: RunDir.create(cfg, run_dir), "creating the run", lambda r: str(r.path),

@@ -25,14 +25,24 @@ def estimate(
     config: Annotated[str, typer.Argument(help="config file or bundled example name")],
     overrides: Overrides = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON instead of a table")] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc",
+            help="estimate for `danlu train --nproc N` on this machine: memory per process "
+            "(DDP, or FSDP with train.strategy=fsdp) and for all N",
+        ),
+    ] = 1,
     debug: Debug = False,
 ) -> None:
     """Parameters, memory (weights, gradients, optimizer state, activations), time per step
     and ETA of a training run, measured on its model and data before it starts."""
+    from danlu.train.distributed import check_nproc
     from danlu.train.estimate import check_fits
     from danlu.train.estimate_report import table
 
-    est, model_cfg, train = estimate_config(config, overrides or [])
+    check_nproc(nproc)
+    est, model_cfg, train = estimate_config(config, overrides or [], nproc=nproc)
     if as_json:
         sys.stdout.write(json.dumps(est.to_dict(), indent=2) + "\n")
     else:
@@ -41,7 +51,7 @@ def estimate(
 
 
 def estimate_config(
-    config: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+    config: str | Path | dict[str, Any], overrides: list[str] | tuple[str, ...] = (), nproc: int = 1
 ) -> tuple[Any, dict[str, Any], dict[str, Any]]:
     """(Estimate, model section, train section) for a config, built as `danlu train` builds it
     (freeze, LoRA, gradient checkpointing; the pretrained weights are not loaded: they change
@@ -68,4 +78,8 @@ def estimate_config(
         models.enable_gradient_checkpointing(model, model_cfg["type"])
     kind = models.output_kind(spec.task, model_cfg["output"])
     objective = build_objective(train, spec, family, kind, bundle)
-    return estimate_training(model, objective, bundle, train, seed=cfg.seed), model_cfg, train
+    sharded = train["strategy"] == "fsdp"
+    est = estimate_training(
+        model, objective, bundle, train, seed=cfg.seed, processes=nproc, sharded=sharded
+    )
+    return est, model_cfg, train

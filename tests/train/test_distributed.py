@@ -303,9 +303,9 @@ def test_fsdp_pretrains_a_gpt_like_one_process(fsdp: Path) -> None:
 
 def test_fsdp_units_are_the_repeated_layers() -> None:
     from danlu.models.gpt import GPT
-    from danlu.train.distributed import _layers
+    from danlu.train.distributed import layers
 
     gpt = GPT(50, 16, num_layers=3, dim=16, num_heads=2)
-    assert _layers(gpt) == list(gpt.blocks)
+    assert layers(gpt) == list(gpt.blocks)
     gpt.blocks[1].attn.qkv.weight = gpt.blocks[0].attn.qkv.weight  # shared across two layers
-    assert _layers(gpt) == [gpt.blocks[2]]  # the sharing pair stays with the root's unit
+    assert layers(gpt) == [gpt.blocks[2]]  # the sharing pair stays with the root's unit

@@ -23,6 +23,7 @@ from danlu.cli_estimate import estimate_config
 from danlu.config import load
 from danlu.errors import ConfigError
 from danlu.evaluate.run import build_data
+from danlu.train.estimate import check_fits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,6 +206,49 @@ def test_danlu_estimate_prints_a_table_or_json(tmp_path: Path, table_csv: Path) 
     assert tight.exit_code == 2
     assert "this run needs" in tight.stderr and "pre-flight estimate" in tight.stdout
     assert not (tmp_path / "runs").exists()
+
+
+def test_with_several_processes_memory_is_per_process_and_fsdp_shards_it(
+    tmp_path: Path,
+) -> None:
+    cfg = tiny_gpt_config(tmp_path, steps=10, num_layers=4, dim=64)
+    one, _, _ = estimate_config(cfg)
+    ddp, _, _ = estimate_config(cfg, nproc=2)
+    fsdp, _, _ = estimate_config(cfg, ["train.strategy=fsdp"], nproc=2)
+    static = one.weights_bytes + one.gradients_bytes + one.optimizer_bytes
+    assert one.per_process_bytes == one.needed_bytes == static + one.activations_bytes
+    # DDP: a whole copy per process, half the batch each; both processes share this RAM
+    assert ddp.weights_bytes == one.weights_bytes and not ddp.sharded
+    assert ddp.per_process_bytes == int(static + ddp.activations_bytes / 2)
+    assert ddp.needed_bytes == 2 * ddp.per_process_bytes
+    # FSDP: half of weights, gradients and Adam moments, plus the largest unit gathered whole
+    model = models.build_for(load(cfg).model.model_dump(), build_data(load(cfg)).spec)
+    blocks = [sum(p.numel() * 4 for p in b.parameters()) for b in model.blocks]
+    rest = sum(p.numel() * 4 for p in model.parameters()) - sum(blocks)
+    assert fsdp.sharded and fsdp.unit_bytes == max(rest, *blocks)
+    assert fsdp.per_process_bytes == int(
+        static / 2 + 2 * fsdp.unit_bytes + fsdp.activations_bytes / 2
+    )
+    assert fsdp.per_process_bytes < ddp.per_process_bytes
+    # when DDP does not fit, sharding is the first thing the stop suggests
+    tight = f"train.memory_limit_gb={ddp.needed_bytes * 0.9 / 1e9}"
+    with pytest.raises(ConfigError, match=r"train\.strategy=fsdp \(each of the 2 processes"):
+        check_fits(estimate_config(cfg, [tight], nproc=2)[0], {"type": "gpt"}, load(cfg).train
+                   .model_dump())  # fmt: skip
+
+    path = tmp_path / "gpt.yaml"
+    path.write_text(json.dumps(cfg))
+    runner = CliRunner()
+    shown = runner.invoke(app, ["estimate", str(path), "train.strategy=fsdp", "--nproc", "2"])
+    assert shown.exit_code == 0, shown.output
+    assert "memory per process" in shown.stdout and "FSDP: 1/W of the model" in shown.stdout
+    as_json = runner.invoke(app, ["estimate", str(path), "--nproc", "2", "--json"])
+    data = json.loads(as_json.stdout)
+    assert (data["processes"], data["sharded"]) == (2, False)
+    assert data["needed_bytes"] == 2 * data["per_process_bytes"]
+    too_many = runner.invoke(app, ["estimate", str(path), "--nproc", "4096"])
+    assert too_many.exit_code == 2
+    assert "--nproc 4096 is more than this machine allows" in too_many.stderr
 
 
 def _objective(cfg: Any, bundle: Any, model: torch.nn.Module) -> Any:

@@ -182,7 +182,7 @@ class Parallel:
         if self.strategy == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
-            for layer in _layers(model):  # each repeated layer gathers on its own, then the rest
+            for layer in layers(model):  # each repeated layer gathers on its own, then the rest
                 fully_shard(layer)
             wrapped = fully_shard(model)
         else:
@@ -213,7 +213,7 @@ class Parallel:
             torch.distributed.destroy_process_group()
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
+def layers(model: nn.Module) -> list[nn.Module]:
     """FSDP's units: the elements of the outermost nn.ModuleLists (Transformer blocks, LSTM
     layers) whose parameters appear nowhere else; a tied weight stays with the root's unit."""
     counts: dict[int, int] = {}
@@ -313,6 +313,11 @@ def current() -> Parallel:
     return _current
 
 
+def local_world(world: int) -> int:
+    """Processes on this machine (torchrun's LOCAL_WORLD_SIZE; all of them without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
 def under_torchrun() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
 
@@ -339,7 +344,7 @@ def setup(
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     elif not threads:
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        per_node = local_world(world)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // per_node))
     torch.distributed.init_process_group(
         "nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s + GRACE_S)

@@ -51,8 +51,13 @@ def estimate_training(
     seed: int = 0,
     budget_s: float = 0.2,
     max_timed: int = 50,
+    processes: int = 1,
+    local_processes: int | None = None,
+    sharded: bool = False,
 ) -> Estimate:
-    """Measure what training `model` with the `train` section (as a dict) on `bundle` needs."""
+    """Measure what training `model` with the `train` section (as a dict) on `bundle` needs.
+    With `processes` > 1 (torchrun), memory is also given per process (`sharded`: FSDP) and
+    for the `local_processes` that share this machine; the time is one process's."""
     dev = resolve_device(train["device"])
     prec = resolve_precision(train["precision"], dev)
     bs, accum = train["batch_size"], train["grad_accum"]
@@ -78,7 +83,9 @@ def estimate_training(
         optimizer_bytes=state, batch_size=bs, grad_accum=accum, device=str(dev), precision=prec,
         optimizer=train["optimizer"]["name"], steps=steps, steps_per_epoch=per_epoch,
         available_bytes=available, available_from=source,
-        process_rss_bytes=psutil.Process().memory_info().rss,
+        process_rss_bytes=psutil.Process().memory_info().rss, processes=processes,
+        local_processes=local_processes or processes, sharded=sharded and processes > 1,
+        unit_bytes=largest_unit_bytes(model) if sharded and processes > 1 else 0,
     )  # fmt: skip
     if trainable == 0:  # nothing to train: fit() says so
         return est
@@ -120,9 +127,10 @@ def preflight(
     *,
     seed: int,
     model_cfg: dict[str, Any],
+    **parallel: Any,  # processes, local_processes, sharded (estimate_training)
 ) -> Estimate:
     """What `danlu train` runs first: the estimate, logged in two lines, and the memory check."""
-    est = estimate_training(model, objective, bundle, train, seed=seed)
+    est = estimate_training(model, objective, bundle, train, seed=seed, **parallel)
     log.info("%s", summary(est))
     check_fits(est, model_cfg, train)
     return est
@@ -249,6 +257,18 @@ def _optimizer_state_bytes(optimizer: dict[str, Any], gradient_bytes: int) -> in
     if optimizer["name"] in ("adam", "adamw"):
         return 2 * gradient_bytes
     return gradient_bytes if optimizer.get("momentum") else 0
+
+
+def largest_unit_bytes(model: nn.Module) -> int:
+    """FSDP gathers one unit at a time (train/distributed.py `layers`, then the rest): the
+    parameter bytes of the largest."""
+    from danlu.train.distributed import layers
+
+    units = layers(model)
+    inside = {id(p) for unit in units for p in unit.parameters()}
+    rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in inside)
+    sizes = [sum(p.numel() * p.element_size() for p in unit.parameters()) for unit in units]
+    return max([rest, *sizes])
 
 
 def _memory(dev: torch.device, weights: int, limit_gb: float | None) -> tuple[int, int, str]:

@@ -45,11 +45,26 @@ class Estimate:
     tokens_per_s: float | None = None
     evaluations: int = 0
     eval_seconds: float = 0.0  # all evaluations together
+    # torchrun (--nproc): the parts above are the whole model at the global batch
+    processes: int = 1  # the world size
+    local_processes: int = 1  # processes sharing this machine's memory
+    sharded: bool = False  # train.strategy: fsdp
+    unit_bytes: int = 0  # FSDP: the largest unit's parameters, gathered whole while it runs
+
+    @property
+    def per_process_bytes(self) -> int:
+        """One process: a slice of the global batch; under FSDP 1/W of the weights, gradients
+        and optimizer state plus one unit's full weights and gradients while it runs."""
+        static = self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
+        if self.sharded:
+            static = static / self.processes + 2 * self.unit_bytes
+        return int(static + (self.activations_bytes or 0) / self.processes)
 
     @property
     def needed_bytes(self) -> int:
-        static = self.weights_bytes + self.gradients_bytes + self.optimizer_bytes
-        return static + (self.activations_bytes or 0)
+        """What `available_bytes` must hold: a GPU holds its one process, a CPU machine's RAM
+        all of its processes."""
+        return self.per_process_bytes * _sharing(self)
 
     @property
     def fits(self) -> bool:
@@ -67,12 +82,13 @@ class Estimate:
     @property
     def predicted_rss_bytes(self) -> int | None:
         """CPU: this process now plus what training adds (the weights are in it already)."""
-        if self.device != "cpu":
+        if self.device != "cpu" or self.processes > 1:
             return None
         return self.process_rss_bytes + self.needed_bytes - self.weights_bytes
 
     def to_dict(self) -> dict[str, Any]:
-        extra = ("needed_bytes", "fits", "train_seconds", "total_seconds", "predicted_rss_bytes")
+        extra = ("per_process_bytes", "needed_bytes", "fits", "train_seconds", "total_seconds",
+                 "predicted_rss_bytes")  # fmt: skip
         return {**asdict(self), **{k: getattr(self, k) for k in extra}}
 
 
@@ -112,10 +128,27 @@ def summary(est: Estimate) -> str:
     evals = f" + {duration(est.eval_seconds)} evaluating" if est.evaluations else ""
     return (
         f"estimate: {est.parameters:,} parameters ({est.trainable:,} trainable) · memory "
-        f"{gb(est.needed_bytes)} of {gb(est.available_bytes)} ({parts(est)})\n"
+        f"{gb(est.needed_bytes)} of {gb(est.available_bytes)}{processes(est)} ({parts(est)})\n"
         f"estimate: {duration(est.step_seconds)} per step on {est.device} in {est.precision} "
-        f"({rate}) · {est.steps:,} steps ≈ {duration(est.train_seconds)}{evals}"
+        f"({rate}{', one process' if est.processes > 1 else ''}) · {est.steps:,} steps ≈ "
+        f"{duration(est.train_seconds)}{evals}"
     )
+
+
+def processes(est: Estimate) -> str:
+    """ ", 2 processes × 1.2 GB (FSDP)": how the memory needed splits over processes."""
+    if est.processes == 1:
+        return ""
+    how = "FSDP-sharded" if est.sharded else "DDP: each a whole copy"
+    return (
+        f" = {_sharing(est)} × {gb(est.per_process_bytes)} per process ({how}, "
+        f"{est.processes} in all)"
+    )
+
+
+def _sharing(est: Estimate) -> int:
+    """Processes whose memory `available_bytes` holds: all on a CPU machine, one per GPU."""
+    return est.local_processes if est.device == "cpu" else 1
 
 
 def rows(est: Estimate) -> list[tuple[str, str, str]]:
@@ -132,7 +165,18 @@ def rows(est: Estimate) -> list[tuple[str, str, str]]:
         ("gradients", gb(est.gradients_bytes), "trainable parameters"),
         ("optimizer state", gb(est.optimizer_bytes), est.optimizer),
         ("activations", act, f"{how}, batch {est.batch_size}{length}"),
-        ("memory needed", gb(est.needed_bytes), "the four above"),
+    ]
+    if est.processes > 1:
+        how = "FSDP: 1/W of the model + one unit" if est.sharded else "DDP: a whole copy"
+        out.append(("memory per process", gb(est.per_process_bytes), f"{how}, batch / W"))
+    out += [
+        (
+            "memory needed",
+            gb(est.needed_bytes),
+            "the four above"
+            if est.processes == 1
+            else f"{_sharing(est)} process(es) on this memory",
+        ),
         ("memory available", gb(est.available_bytes), est.available_from),
     ]
     if est.predicted_rss_bytes:
@@ -192,6 +236,11 @@ def suggestions(est: Estimate, model_cfg: dict[str, Any], train: dict[str, Any])
         out.append("train.gradient_checkpointing=true (recomputes activations in backward)")
     if est.precision == "fp32" and act:
         out.append("train.precision=bf16 (activations in half the bytes)")
+    if est.processes > 1 and not est.sharded:
+        out.append(
+            f"train.strategy=fsdp (each of the {est.processes} processes holds 1/{est.processes} "
+            "of the weights, gradients and optimizer state instead of a whole copy)"
+        )
     if train["optimizer"]["name"] in ("adam", "adamw") and est.optimizer_bytes > act:
         out.append(
             "train.optimizer.name=sgd train.optimizer.momentum=0.9 (optimizer state "
