@@ -6,6 +6,7 @@ import gzip
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -39,18 +40,22 @@ def make_images(n: int, classes: int = 3, size: int = 8, channels: int = 1, seed
     return x, y.astype(np.int64)
 
 
-@pytest.fixture
-def idx_folder(tmp_path: Path) -> Path:
-    """A folder with MNIST-style IDX files: 60 train and 30 test 8×8 images of 3 classes."""
-    folder = tmp_path / "idx"
+def write_idx_folder(folder: Path, train: int = 60) -> Path:
+    """MNIST-style IDX files in a new `folder`: `train` and 30 test 8×8 images of 3 classes."""
     folder.mkdir()
-    x, y = make_images(60)
+    x, y = make_images(train)
     tx, ty = make_images(30, seed=1)
     write_idx(folder / "train-images-idx3-ubyte.gz", x[:, 0])
     write_idx(folder / "train-labels-idx1-ubyte.gz", y)
     write_idx(folder / "t10k-images-idx3-ubyte.gz", tx[:, 0])
     write_idx(folder / "t10k-labels-idx1-ubyte.gz", ty)
     return folder
+
+
+@pytest.fixture
+def idx_folder(tmp_path: Path) -> Path:
+    """A folder with MNIST-style IDX files: 60 train and 30 test 8×8 images of 3 classes."""
+    return write_idx_folder(tmp_path / "idx")
 
 
 def write_cifar(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
@@ -152,3 +157,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_equal_tree(a: Any, b: Any, where: str = "") -> None:
+    """Nested dicts / lists / tensors (optimizer and RNG states) equal bit for bit."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_equal_tree(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_equal_tree(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where

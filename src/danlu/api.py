@@ -382,7 +382,7 @@ def _as_config(config: Any, overrides: list[str] | tuple[str, ...]) -> Config:
 def _resume_config(run: RunDir, config: Any, overrides: Any, force: bool) -> Config:
     saved = run.load_config()
     cfg = _as_config(config if config is not None else saved, overrides)
-    changed = _diff(saved.to_dict(), cfg.to_dict())
+    changed = config_mod.diff(saved.to_dict(), cfg.to_dict())
     blocking = [c for c in changed if not c[0].startswith(RESUMABLE_CHANGES)]
     if blocking and not force:
         shown = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in blocking[:5])
@@ -481,12 +481,3 @@ def _check_same_data(run: RunDir, digest: str, force: bool) -> None:
             f"recorded {recorded[:12]})",
             fix="resume with the original data, or pass --force to continue on the new data",
         )
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [(prefix.rstrip("."), a, b)]

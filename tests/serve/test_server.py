@@ -16,7 +16,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 import danlu
-from conftest import make_images, tiny_config, tiny_gpt_config, write_idx
+from conftest import make_images, tiny_config, tiny_gpt_config, write_idx_folder
 from danlu.config_serve import ServeSettings
 from danlu.errors import DataError
 from danlu.serve.batching import Batcher, Overloaded
@@ -55,14 +55,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     )  # fmt: skip
     del cfg["model"]["hidden_sizes"]
     out["text"] = danlu.train(cfg, run_dir=root / "text", show_progress=False).run.path
-    idx = root / "idx"
-    idx.mkdir()
-    x, y = make_images(60)
-    tx, ty = make_images(30, seed=1)
-    write_idx(idx / "train-images-idx3-ubyte.gz", x[:, 0])
-    write_idx(idx / "train-labels-idx1-ubyte.gz", y)
-    write_idx(idx / "t10k-images-idx3-ubyte.gz", tx[:, 0])
-    write_idx(idx / "t10k-labels-idx1-ubyte.gz", ty)
+    idx = write_idx_folder(root / "idx")
     cfg = tiny_config(str(idx), model={"type": "cnn", "channels": [4], "head_sizes": [8]})
     del cfg["model"]["hidden_sizes"]
     out["image"] = danlu.train(cfg, run_dir=root / "image", show_progress=False).run.path

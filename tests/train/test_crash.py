@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import make_images, write_idx
+from conftest import assert_equal_tree, write_idx_folder
 from danlu import models
 from danlu.data import DataSpec
 from danlu.rundir import RunDir
@@ -40,14 +40,7 @@ TIMEOUT = 180
 
 
 def write_config(root: Path, max_steps: int = MAX_STEPS) -> Path:
-    folder = root / "idx"
-    folder.mkdir()
-    x, y = make_images(150, classes=3, size=8, seed=0)
-    tx, ty = make_images(30, classes=3, size=8, seed=1)
-    write_idx(folder / "train-images-idx3-ubyte.gz", x[:, 0])
-    write_idx(folder / "train-labels-idx1-ubyte.gz", y)
-    write_idx(folder / "t10k-images-idx3-ubyte.gz", tx[:, 0])
-    write_idx(folder / "t10k-labels-idx1-ubyte.gz", ty)
+    folder = write_idx_folder(root / "idx", train=150)
     config = {
         "name": "crash",
         "seed": 5,
@@ -165,21 +158,6 @@ def crash_and_resume(root: Path, config: Path, run: Path, moments: list[int], sl
             step = int(partial[0].name.split("-")[2])
             assert not (run / "checkpoints" / f"step-{step}").exists()
     return kills
-
-
-def assert_equal_tree(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_equal_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_equal_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def assert_identical_runs(a: Path, b: Path, steps: int) -> None:

@@ -20,7 +20,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import make_images, write_idx
+from conftest import assert_equal_tree, write_idx_folder
 
 MAX_STEPS = 600
 EVERY = 20  # eval_every and checkpoint_every
@@ -34,14 +34,7 @@ class Runs:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        folder = root / "idx"
-        folder.mkdir()
-        x, y = make_images(150, classes=3, size=8, seed=0)
-        tx, ty = make_images(30, classes=3, size=8, seed=1)
-        write_idx(folder / "train-images-idx3-ubyte.gz", x[:, 0])
-        write_idx(folder / "train-labels-idx1-ubyte.gz", y)
-        write_idx(folder / "t10k-images-idx3-ubyte.gz", tx[:, 0])
-        write_idx(folder / "t10k-labels-idx1-ubyte.gz", ty)
+        folder = write_idx_folder(root / "idx", train=150)
         config = {
             "name": "resume",
             "seed": 3,
@@ -171,21 +164,6 @@ def resume(root: Path, run: Path, name: str) -> None:
 
 def history(run: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-
-
-def assert_equal_tree(a: Any, b: Any, where: str = "") -> None:
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_equal_tree(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            assert_equal_tree(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 def assert_same_as_reference(a: Path, b: Path) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from danlu.config import Config
+from danlu.config import Config, diff
 from danlu.config_tune import TuneConfig
 from danlu.errors import CheckpointError, ConfigError
 from danlu.manifest import update_manifest
@@ -60,7 +60,7 @@ def check_config(folder: Path, cfg: Config, started: bool, force: bool) -> None:
     if old.is_file():
         before = yaml.safe_load(old.read_text(encoding="utf-8")) or {}
         before["tune"] = {k: v for k, v in (before.get("tune") or {}).items() if k not in BUDGETS}
-        changed = _diff(before, hashed(cfg))
+        changed = diff(before, hashed(cfg))
     shown = "; ".join(f"{k}: {a!r} → {b!r}" for k, a, b in changed[:4]) or "its hash differs"
     raise ConfigError(
         f"'{folder}' holds a study of another config ({shown})",
@@ -201,12 +201,3 @@ def _close_stale(optuna: Any, storage: Any, study: Any, say: Callable[[str], Non
         storage.set_trial_user_attr(trial_id, "interrupted", True)
         storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
         say(f"trial {t.number} was left running by a stopped process; it will be run again")
-
-
-def _diff(a: Any, b: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += _diff(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [(prefix.rstrip("."), a, b)]
