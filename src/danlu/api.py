@@ -59,7 +59,7 @@ RESUMABLE_CHANGES = (
     "train.mlflow",
     "train.estimate",
     "train.memory_limit_gb",
-    "train.strategy",  # issue 6: DDP ↔ FSDP and the process count do not change the maths
+    "train.strategy",  # DDP ↔ FSDP and the process count do not change the maths
     "train.collective_timeout_s",
     "evaluate.",
 )
@@ -144,7 +144,7 @@ def train(
         _start_from(model, model_cfg["init_from"], bundle)
     family = models.family(model, model_cfg["type"])
     model = models.adapt(model, model_cfg)
-    if t.gradient_checkpointing:  # issue 6: Transformers only (a clear error otherwise)
+    if t.gradient_checkpointing:  # Transformers only (a clear error otherwise)
         models.enable_gradient_checkpointing(model, model_cfg["type"])
     objective = build_objective(t.model_dump(), spec, family, kind, bundle)
     if wrap_objective is not None:
@@ -212,7 +212,7 @@ def train(
                 "parameters": total,
                 "trainable_parameters": trainable,
                 "data_sizes": bundle.card["sizes"],
-                # what precision "auto" chose here, known before the first step (issue 6)
+                # what precision "auto" chose here, known before the first step
                 "precision": "fp32" if private else resolve_precision(t.precision, par.device),
                 **({"privacy": private.summary(private.planned_steps)} if private else {}),
                 **({"distributed": {"processes": par.world, "strategy": par.strategy}}
@@ -241,8 +241,8 @@ def train(
             grad_clip=t.grad_clip,
             grad_accum=t.grad_accum,
             precision=t.precision,
-            nonfinite=t.nonfinite.model_dump(),  # issue 6: NaN/Inf policy
-            compile_model=t.compile,  # issue 6: torch.compile
+            nonfinite=t.nonfinite.model_dump(),  # NaN/Inf policy
+            compile_model=t.compile,
             device=device,
             eval_every=t.eval_every,
             log_every=t.log_every,

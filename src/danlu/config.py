@@ -199,7 +199,7 @@ class EarlyStoppingConfig(Section):
     min_delta: float = Field(0.0, ge=0)
 
 
-# --- issue 6 (resume, numerical safety, precision): train.nonfinite ---
+# --- numerical safety: train.nonfinite ---
 class NonFiniteConfig(Section):
     policy: Literal["stop", "skip"] = Field(
         "stop", description="stop: save nonfinite.json and stop; skip: skip the step, count it"
@@ -247,7 +247,7 @@ class TrainConfig(Section):
     early_stopping: EarlyStoppingConfig | None = None
     tensorboard: bool = True
     privacy: PrivacyConfig | None = Field(None, description="differential privacy (Opacus)")
-    # --- issue 6 (resume, numerical safety, precision) ---
+    # --- numerical safety, precision, scale ---
     nonfinite: NonFiniteConfig = Field(
         NonFiniteConfig(), description="what a NaN/Inf loss or gradient does"
     )
@@ -263,7 +263,6 @@ class TrainConfig(Section):
                 raise ValueError(f"train.{key} does not work with train.privacy (Opacus hooks)")
         return self
 
-    # --- end issue 6 ---
     mlflow: MLflowConfig | None = Field(None, description="MLflow tracking (train/tracking.py)")
     estimate: bool = Field(True, description="print the pre-flight estimate before training")
     memory_limit_gb: float | None = Field(

@@ -12,7 +12,7 @@ evaluations without improvement. Checkpoints hold everything needed to continue 
 same weights as an uninterrupted run. SIGINT/SIGTERM finish the step, checkpoint and stop.
 `privacy` (a train.privacy.PrivateTraining) makes each step DP-SGD: per-example clipping and
 noise in the optimizer, ε in the history lines.
-Issue 6: a NaN/Inf loss or gradient is never applied (steps.NonFiniteGuard, `nonfinite`:
+A NaN/Inf loss or gradient is never applied (steps.NonFiniteGuard, `nonfinite`:
 stop with a diagnostic, or skip); fp16 runs carry a grad scaler; `compile_model` compiles the
 model in place; resume falls back past an unreadable checkpoint (checkpoint.restore_latest).
 """
