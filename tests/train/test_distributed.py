@@ -309,3 +309,12 @@ def test_fsdp_units_are_the_repeated_layers() -> None:
     assert layers(gpt) == list(gpt.blocks)
     gpt.blocks[1].attn.qkv.weight = gpt.blocks[0].attn.qkv.weight  # shared across two layers
     assert layers(gpt) == [gpt.blocks[2]]  # the sharing pair stays with the root's unit
+
+
+def test_fsdp_on_one_process_says_it_trains_in_one(caplog: pytest.LogCaptureFixture) -> None:
+    from danlu.train import distributed
+
+    with caplog.at_level("INFO", logger="danlu"):
+        par = distributed.setup("fsdp", device="cpu")
+    assert (par.world, par.strategy, par.gathers) == (1, "none", False)
+    assert "train.strategy: fsdp takes effect with several processes (--nproc N)" in caplog.text

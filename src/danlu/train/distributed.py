@@ -336,6 +336,12 @@ def setup(
         return _current
     dev = resolve_device(device)
     if not under_torchrun():
+        if strategy != "auto":
+            logging.getLogger("danlu").info(
+                "train.strategy: %s takes effect with several processes (--nproc N); "
+                "this run trains in one",
+                strategy,
+            )
         _current = Parallel(device=dev)
         return _current
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
