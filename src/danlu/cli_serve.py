@@ -31,7 +31,8 @@ def serve(
         list[str] | None, typer.Option("--name", help="served name, one per REF")
     ] = None,
     max_batch_size: Annotated[
-        int | None, typer.Option(help="dynamic batching: inputs per model call (1 = off)")
+        int | None,
+        typer.Option(help="dynamic batching: inputs or prompts per model call (1 = off)"),
     ] = None,
     max_wait_ms: Annotated[
         float | None, typer.Option(help="dynamic batching: wait for company")

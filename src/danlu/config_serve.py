@@ -2,7 +2,7 @@
 
     serve:
       port: 8000
-      max_batch_size: 32      # inputs the dynamic batcher runs together
+      max_batch_size: 32      # inputs (or prompts, generating) one model call runs together
       max_wait_ms: 5          # how long the first input of a batch waits for company
       max_queue: 256          # inputs waiting; beyond this a request gets 429 + Retry-After
       api_keys: [sk-team-1]   # or DANLU_API_KEYS=a,b; /v1/* then need a key
@@ -21,7 +21,9 @@ from danlu.config_models import Section
 class ServeSettings(Section):
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface)")
     port: int = Field(8000, ge=0, le=65535, description="0 = any free port")
-    max_batch_size: int = Field(32, ge=1, le=4096, description="1 = dynamic batching off")
+    max_batch_size: int = Field(
+        32, ge=1, le=4096, description="inputs or prompts per model call; 1 = batching off"
+    )
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     max_queue: int = Field(256, ge=1, description="inputs waiting before 429")
     timeout_s: float = Field(30.0, gt=0, description="per request; then 504")

@@ -59,9 +59,10 @@ def next_token(
     top_k: int | None = None,
     top_p: float | None = None,
     repetition_penalty: float = 1.0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """(B, V) logits → (B,) long token ids."""
+    """(B, V) logits → (B,) long token ids. `generator` may be one per row (a list): each
+    row then draws from its own, as it would alone (rows of several requests batched)."""
     logits = logits.float()
     if repetition_penalty != 1.0 and generated is not None and generated.shape[1]:
         logits = penalize_repeats(logits, generated, repetition_penalty)
@@ -78,6 +79,12 @@ def next_token(
         ordered = ordered.masked_fill(before >= top_p, float("-inf"))  # the best always stays
         logits = torch.empty_like(logits).scatter_(1, order, ordered)
     probs = logits.softmax(-1)  # (B, V)
+    if isinstance(generator, list):
+        draws = [
+            torch.multinomial(p[None], 1, generator=g)
+            for p, g in zip(probs, generator, strict=True)
+        ]
+        return torch.cat(draws).squeeze(1)  # (B,)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)  # (B,)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,68 @@ class Generator:
             return complete(model, encoder, texts, end=end, separate=False, **sample, **common)
         return complete(model, encoder, texts, **sample, **common)
 
+    def run_batch(
+        self,
+        parts: list[Part],
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        rendered: bool = False,
+    ) -> list[list[str]]:
+        """Continue the prompts of several requests in one call (causal LMs; the sampling
+        options are theirs in common). Each part keeps its stop strings, token limit, seed
+        (its own random stream, so a seeded request samples what it would alone) and stream;
+        a part whose client left stops being tracked while the others go on."""
+        if self.seq2seq:
+            raise ConfigError("run_batch continues prompts of causal language models")
+        check_options(temperature, top_k, top_p, repetition_penalty)
+        owner = [(p, r) for p, part in enumerate(parts) for r in range(len(part.texts))]
+        texts = [t for part in parts for t in part.texts]
+        for part in parts:
+            check_request(part.texts, part.max_new_tokens, 1, part.stop)
+        seeded = [torch.Generator(self.device).manual_seed(part.seed) for part in parts]
+        sample = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        sample |= {"repetition_penalty": repetition_penalty}
+        sample["generator"] = [seeded[p] for p, _ in owner]
+        rows = RowLimits(
+            stops=[list(parts[p].stop) for p, _ in owner],
+            limits=[parts[p].max_new_tokens for p, _ in owner],
+            alive=lambda i: not parts[owner[i][0]].cancelled(),
+        )
+
+        def stream(i: int, piece: str) -> None:
+            p, r = owner[i]
+            if parts[p].stream is not None:
+                parts[p].stream(r, piece)
+
+        end, separate = None, True
+        if self.task == "chat":
+            end, separate = self.spec.text.get("end_of_turn_id"), False
+            if not rendered:
+                texts, end = chat_prompts(self.run, self.spec, texts)
+        out = complete(
+            self.model, self.encoder, texts, max_new_tokens=max(rows.limits), stream=stream,
+            end=end, separate=separate, rows=rows, **sample,
+        )  # fmt: skip
+        results: list[list[str]] = [[] for _ in parts]
+        for (p, _), text in zip(owner, out, strict=True):
+            results[p].append(text)
+        return results
+
+
+@dataclass
+class Part:
+    """One request's prompts in a batched generation call (Generator.run_batch)."""
+
+    texts: list[str]
+    max_new_tokens: int
+    stop: list[str]
+    seed: int
+    stream: Stream | None = None  # (row of this part, piece)
+    cancelled: Callable[[], bool] = lambda: False
+
 
 def chat_prompts(run: RunDir, spec: Any, texts: list[str]) -> tuple[list[str], int | None]:
     """Prompts as user turns in a chat run's template, and the token that ends an answer."""
@@ -246,16 +309,20 @@ def complete(
     stream: Stream | None = None,
     end: int | None = None,
     separate: bool = True,
+    rows: RowLimits | None = None,
     **sample: Any,
 ) -> list[str]:
     """Continue prompts with a causal LM (anything with GPT.generate's signature). `end`:
     the token that ends a continuation (default EOS); `separate`: prompts follow an EOS, as
-    every document but the first did in pretraining (not for chat-rendered prompts)."""
+    every document but the first did in pretraining (not for chat-rendered prompts). `rows`:
+    per-row stop strings, token limits and liveness, for prompts of several requests."""
     context = getattr(model, "context", None)
-    rows, eos = prompt_ids(encoder, texts, end=end, separate=separate, context=context)
-    ids, mask = left_pad(rows, model.pad_id)  # (B, T)
-    rows_text = [Continuation(encoder.decode, row, stop) for row in rows]
-    live = [True] * len(rows)
+    ids_rows, eos = prompt_ids(encoder, texts, end=end, separate=separate, context=context)
+    ids, mask = left_pad(ids_rows, model.pad_id)  # (B, T)
+    stops = rows.stops if rows is not None else [stop] * len(texts)
+    limits = rows.limits if rows is not None else [max_new_tokens] * len(texts)
+    rows_text = [Continuation(encoder.decode, r, s) for r, s in zip(ids_rows, stops, strict=True)]
+    live, made = [True] * len(texts), [0] * len(texts)
 
     def emit(i: int, piece: str) -> None:
         if piece and stream is not None:
@@ -263,13 +330,20 @@ def complete(
 
     def on_token(tokens: torch.Tensor) -> bool:
         for i, t in enumerate(tokens.tolist()):
+            if live[i] and rows is not None and not rows.alive(i):
+                live[i] = False  # its client left: the other rows go on
             if live[i]:
-                c = rows_text[i]
+                c, made[i] = rows_text[i], made[i] + 1
                 emit(i, c.finish() if t == eos else c.push(t))
+                if made[i] >= limits[i] and not c.done:
+                    emit(i, c.finish())
                 live[i] = not c.done
         return not any(live)
 
-    track = stream is not None or bool(stop)
+    track = stream is not None or any(stops) or rows is not None
+    max_new_tokens = max(limits)
+    if isinstance(sample.get("generator"), torch.Generator):  # each row draws in turn from it,
+        sample["generator"] = [sample["generator"]] * len(texts)  # batched with others or not
     device = device_of(model)
     out = model.generate(
         ids.to(device),
@@ -282,8 +356,19 @@ def complete(
     for i, c in enumerate(rows_text):
         if not track:
             c.push(*_until(out[i, ids.shape[1] :].tolist(), eos))
-        emit(i, c.finish())
+        piece = c.finish()
+        if rows is None or rows.alive(i):
+            emit(i, piece)
     return [c.text for c in rows_text]
+
+
+@dataclass
+class RowLimits:
+    """Per-row settings when one call continues the prompts of several requests."""
+
+    stops: list[list[str]]
+    limits: list[int]  # max new tokens of each row
+    alive: Callable[[int], bool] = lambda row: True  # False: stop tracking that row
 
 
 def prompt_ids(

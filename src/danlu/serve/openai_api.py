@@ -4,9 +4,12 @@
     client = openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
     client.chat.completions.create(model="tiny-chat", messages=[...], stream=True)
 
-Generation runs on one worker thread, in arrival order (a bounded queue: 429 when full). A
-streamed reply sends each piece as the model produces it; when the client goes away or the
-request times out, a cancel flag stops the model at its next piece. Chat requests are rendered
+Generation runs on one worker thread (a bounded queue: 429 when full). Requests that wait
+while it works are continued together in one batched call when they share the model and the
+sampling options (up to serve.max_batch_size prompts; GenerationRunner); each keeps its own
+stop strings, token limit, seed and stream. A streamed reply sends each piece as the model
+produces it; when the client goes away or the request times out, its rows stop being followed
+(alone, the model stops at its next piece). Chat requests are rendered
 with the run's chat template (chat runs); a plain language model gets the conversation as a
 "role: text" transcript, a seq2seq model the last user message.
 """
@@ -14,13 +17,15 @@ with the run's chat template (chat runs); a plain language model gets the conver
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import secrets
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 from danlu.errors import DanluError
@@ -34,15 +39,21 @@ class Cancelled(Exception):
 
 
 class GenerationRunner:
-    """One thread runs generation requests in arrival order; at most `max_queue` wait."""
+    """One worker thread runs generation; at most `max_queue` requests wait. When it comes
+    free it takes the oldest request and every waiting one it can continue together with it
+    (same model and sampling options; up to `max_rows` prompts): one batched call instead of
+    one after another (Generator.run_batch). Nothing waits for company: requests that arrive
+    while a call runs form the next one."""
 
-    def __init__(self, max_queue: int) -> None:
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="danlu-generate")
-        self.max_queue = max_queue
+    def __init__(self, max_queue: int, max_rows: int = 1, metrics: Any = None) -> None:
+        self.max_queue, self.max_rows, self.metrics = max_queue, max_rows, metrics
         self.waiting = 0
-        self.lock = threading.Lock()
+        self.pending: deque[_Entry] = deque()
+        self.lock = threading.Condition()
         self.closing = False
-        self.seconds = 1.0  # running mean per request, for Retry-After
+        self.seconds = 1.0  # running mean per call, for Retry-After
+        self.worker = threading.Thread(target=self._work, name="danlu-generate", daemon=True)
+        self.worker.start()
 
     def reserve(self) -> None:
         with self.lock:
@@ -52,26 +63,128 @@ class GenerationRunner:
                 raise Overloaded(self.waiting, retry_after=max(1.0, self.seconds * self.waiting))
             self.waiting += 1
 
-    def start(self, fn: Callable[[], Any], cancel: threading.Event) -> asyncio.Future:
-        """Run `fn` on the worker (after `reserve`); skipped if cancelled while waiting."""
-
-        def call() -> Any:
-            start = time.perf_counter()
-            try:
-                if cancel.is_set():
-                    raise Cancelled()
-                return fn()
-            finally:
-                with self.lock:
-                    self.waiting -= 1
-                    self.seconds = 0.8 * self.seconds + 0.2 * (time.perf_counter() - start)
-
-        return asyncio.get_running_loop().run_in_executor(self.pool, call)
+    def submit(self, job: Job, push: Callable[[int, str], None] | None) -> asyncio.Future:
+        """Queue `job` (after `reserve`); its future gets the texts, or the error. A job
+        cancelled while it waits is skipped (Cancelled)."""
+        entry = _Entry(job, push, asyncio.get_running_loop())
+        entry.future = entry.loop.create_future()
+        with self.lock:
+            self.pending.append(entry)
+            self.lock.notify()
+        return entry.future
 
     def close(self, timeout: float | None = None) -> None:
+        """Take no more requests; the waiting ones still run."""
         with self.lock:
             self.closing = True
-        self.pool.shutdown(wait=True, cancel_futures=False)
+            self.lock.notify()
+        self.worker.join(timeout)
+
+    def _work(self) -> None:
+        while True:
+            with self.lock:
+                while not self.pending and not self.closing:
+                    self.lock.wait()
+                if not self.pending:
+                    return
+                group = self._take()
+            start = time.perf_counter()
+            self._run(group)
+            with self.lock:
+                self.waiting -= len(group)
+                self.seconds = 0.8 * self.seconds + 0.2 * (time.perf_counter() - start)
+
+    def _take(self) -> list[_Entry]:
+        """The oldest waiting request and those that can run with it (under the lock)."""
+        group = [self.pending.popleft()]
+        key, rows = group[0].job.key, len(group[0].job.texts)
+        if key is None:
+            return group
+        for entry in list(self.pending):
+            if entry.job.key == key and rows + len(entry.job.texts) <= self.max_rows:
+                self.pending.remove(entry)
+                group.append(entry)
+                rows += len(entry.job.texts)
+        return group
+
+    def _run(self, group: list[_Entry]) -> None:
+        live = []
+        for entry in group:
+            if entry.job.cancel.is_set():
+                entry.settle(error=Cancelled())
+            else:
+                live.append(entry)
+        if len(live) > 1:
+            try:
+                t0 = time.perf_counter()
+                results = _run_together(live)
+                self._observe(live, time.perf_counter() - t0)
+            except Exception:  # a bad request among them: each alone, so only it fails
+                pass
+            else:
+                for entry, texts in zip(live, results, strict=True):
+                    entry.settle(texts)
+                return
+        for entry in live:
+            t0 = time.perf_counter()
+            try:
+                texts = entry.job.run(entry.push)
+            except BaseException as e:  # to the request that caused it
+                entry.settle(error=e)
+            else:
+                self._observe([entry], time.perf_counter() - t0)
+                entry.settle(texts)
+
+    def _observe(self, entries: list[_Entry], seconds: float) -> None:
+        if self.metrics is not None:
+            rows = sum(len(e.job.texts) for e in entries)
+            self.metrics.observe_batch(entries[0].job.model.name, rows, seconds)
+
+
+@dataclass
+class _Entry:
+    """A queued request: the job, where its pieces go, and the future its caller awaits."""
+
+    job: Job
+    push: Callable[[int, str], None] | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future = field(init=False)
+
+    def settle(self, texts: list[str] | None = None, error: BaseException | None = None) -> None:
+        def done() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(texts)
+
+        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody waits
+            self.loop.call_soon_threadsafe(done)
+
+
+def _run_together(entries: list[_Entry]) -> list[list[str]]:
+    """One Generator.run_batch call for the prompts of several waiting requests."""
+    from danlu.serve.generate import Part
+
+    first = entries[0].job
+    parts = []
+    for entry in entries:
+        job, options = entry.job, entry.job.options
+        stop = options.get("stop")
+        parts.append(
+            Part(
+                texts=job.texts,
+                max_new_tokens=options["max_new_tokens"],
+                stop=[stop] if isinstance(stop, str) else list(stop or []),
+                seed=options["seed"],
+                stream=entry.push,
+                cancelled=job.cancel.is_set,
+            )
+        )
+    sample = {k: first.options.get(k) for k in ("temperature", "top_k", "top_p")}
+    sample["repetition_penalty"] = first.options.get("repetition_penalty", 1.0)
+    return first.model.generator.run_batch(parts, rendered=first.rendered, **sample)
 
 
 # ------------------------------------------------------------------------------- requests
@@ -104,6 +217,16 @@ class Job:
         self.cancel = threading.Event()
         self.started = time.time()
 
+    @property
+    def key(self) -> tuple | None:
+        """Requests with equal keys can be continued in one call; None: this one runs alone
+        (seq2seq and beam search)."""
+        o = self.options
+        if self.model.generator.seq2seq or o.get("num_beams", 1) != 1:
+            return None
+        sample = (o["temperature"], o.get("top_k"), o.get("top_p"), o.get("repetition_penalty"))
+        return (id(self.model), self.rendered, *sample)
+
     def run(self, stream: Callable[[int, str], None] | None = None) -> list[str]:
         def guarded(row: int, piece: str) -> None:
             if self.cancel.is_set():
@@ -134,7 +257,7 @@ class Job:
     async def result(self) -> list[str]:
         runner, timeout = self.state.generation, self.state.settings.timeout_s
         _reserve(runner)
-        future = runner.start(self.run, self.cancel)
+        future = runner.submit(self, None)
         try:
             return await asyncio.wait_for(future, timeout)
         except TimeoutError:
@@ -150,7 +273,7 @@ class Job:
         def push(row: int, piece: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, (row, piece))
 
-        future = self.state.generation.start(lambda: self.run(push), self.cancel)
+        future = self.state.generation.submit(self, push)
 
         def done(f: asyncio.Future) -> None:
             if not f.cancelled():

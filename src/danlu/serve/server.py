@@ -61,7 +61,9 @@ class State:
         self.log = None  # danlu.serve.requestlog.RequestLog when settings.request_log is set
         from danlu.serve.openai_api import GenerationRunner
 
-        self.generation = GenerationRunner(settings.max_queue)
+        self.generation = GenerationRunner(
+            settings.max_queue, settings.max_batch_size, self.metrics
+        )
 
     # ---------------------------------------------------------------------- loading
 
