@@ -144,3 +144,24 @@ def test_a_live_server_batches_concurrent_requests_without_changing_answers(lm, 
             assert calls == 8  # one prompt per model call
         else:
             assert calls < 8  # at least one call carried several requests
+
+
+def test_when_a_batched_call_fails_each_request_runs_alone(lm, gen, monkeypatch):
+    failed: list[int] = []
+
+    def broken(self, parts, **options):
+        failed.append(len(parts))
+        raise RuntimeError("a batched call failed")
+
+    monkeypatch.setattr(Generator, "run_batch", broken)
+    settings = ServeSettings(max_batch_size=16, max_new_tokens=64)
+    with LiveServer(create_app([str(lm)], settings, names=["lm"])) as live:
+        for _ in range(5):  # until requests met in the queue and a batched call was tried
+            answers = concurrent(live.url, bodies())  # every request still gets its answer
+            if failed:
+                break
+    assert failed and min(failed) > 1
+    for body, answer in zip(bodies(), answers, strict=True):
+        alone = gen([body["prompt"]], max_new_tokens=body["max_tokens"],
+                    temperature=body["temperature"], seed=body.get("seed", 0))  # fmt: skip
+        assert answer["choices"][0]["text"] == alone[0]

@@ -119,8 +119,10 @@ class GenerationRunner:
                 t0 = time.perf_counter()
                 results = _run_together(live)
                 self._observe(live, time.perf_counter() - t0)
-            except Exception:  # a bad request among them: each alone, so only it fails
-                pass
+            except Exception as e:  # a bad request among them: each alone, so only it fails
+                for entry in [x for x in live if x.streamed]:  # a stream cannot start over
+                    entry.settle(error=e)
+                live = [x for x in live if not x.streamed]
             else:
                 for entry, texts in zip(live, results, strict=True):
                     entry.settle(texts)
@@ -149,6 +151,12 @@ class _Entry:
     push: Callable[[int, str], None] | None
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future = field(init=False)
+    streamed: bool = False  # pieces went out: a failed batch cannot re-run it from the start
+
+    def send(self, row: int, piece: str) -> None:
+        self.streamed = True
+        if self.push is not None:
+            self.push(row, piece)
 
     def settle(self, texts: list[str] | None = None, error: BaseException | None = None) -> None:
         def done() -> None:
@@ -178,7 +186,7 @@ def _run_together(entries: list[_Entry]) -> list[list[str]]:
                 max_new_tokens=options["max_new_tokens"],
                 stop=[stop] if isinstance(stop, str) else list(stop or []),
                 seed=options["seed"],
-                stream=entry.push,
+                stream=entry.send if entry.push is not None else None,
                 cancelled=job.cancel.is_set,
             )
         )
