@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import signal
 import threading
+from abc import ABC, abstractmethod
 from typing import Any
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class StopSignals:
+class StopSignals(ABC):
     """Calls `on_signal(signum)` for SIGINT / SIGTERM inside the block; subclasses decide."""
 
     def __init__(self) -> None:
         self.previous: dict[int, Any] = {}
 
+    @abstractmethod
     def on_signal(self, signum: int) -> None:
-        raise NotImplementedError
+        """What SIGINT / SIGTERM does: set a flag, say something, or raise."""
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.on_signal(signum)

@@ -10,13 +10,8 @@ from danlu.data.tokenize import TextEncoder, train_tokenizer
 from danlu.errors import ConfigError
 from danlu.models.gpt import GPT
 from danlu.models.sampling import check_options, left_pad, next_token, penalize_repeats
-from danlu.serve.generate import (
-    Continuation,
-    check_request,
-    complete,
-    first_stop,
-    partial_stop,
-)
+from danlu.serve.decoding import Continuation, first_stop, partial_stop
+from danlu.serve.generate import check_request, complete
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

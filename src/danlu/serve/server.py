@@ -59,7 +59,7 @@ class State:
         self.load_error: str | None = None
         self.stopping = False
         self.log = None  # danlu.serve.requestlog.RequestLog when settings.request_log is set
-        from danlu.serve.openai_api import GenerationRunner
+        from danlu.serve.generation_queue import GenerationRunner
 
         self.generation = GenerationRunner(
             settings.max_queue, settings.max_batch_size, self.metrics
