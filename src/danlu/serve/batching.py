@@ -44,6 +44,26 @@ class ShuttingDown(Exception):
     """The server is stopping and takes no new work."""
 
 
+def settle(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future,
+    result: Any = None,
+    error: BaseException | None = None,
+) -> None:
+    """From a worker thread: give the future of a request awaited on `loop` its result."""
+
+    def set_() -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
+        loop.call_soon_threadsafe(set_)
+
+
 @dataclass
 class _Job:
     items: list[Any]
@@ -54,16 +74,7 @@ class _Job:
         return self.future.cancelled() or self.future.done()
 
     def settle(self, result: Any = None, error: BaseException | None = None) -> None:
-        def set_() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(result)
-
-        with contextlib.suppress(RuntimeError):  # a closed loop: nobody is waiting any more
-            self.loop.call_soon_threadsafe(set_)
+        settle(self.loop, self.future, result, error)
 
 
 class Batcher:

@@ -10,7 +10,6 @@ so only the one at fault gets the error. At most serve.max_queue requests wait (
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 import time
 from collections import deque
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from danlu.serve.batching import Overloaded, ShuttingDown
+from danlu.serve.batching import Overloaded, ShuttingDown, settle
 
 
 class Cancelled(Exception):
@@ -146,16 +145,7 @@ class _Entry:
             self.push(row, piece)
 
     def settle(self, texts: list[str] | None = None, error: BaseException | None = None) -> None:
-        def done() -> None:
-            if self.future.done():
-                return
-            if error is not None:
-                self.future.set_exception(error)
-            else:
-                self.future.set_result(texts)
-
-        with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody waits
-            self.loop.call_soon_threadsafe(done)
+        settle(self.loop, self.future, texts, error)
 
 
 def _run_together(entries: list[_Entry]) -> list[list[str]]:
