@@ -1,6 +1,6 @@
 """Generation under concurrent load: requests batched together against one at a time.
 
-    .venv/bin/python benchmarks/generate_load.py [--run runs/gpt_bible_char] [--requests 64]
+    .venv/bin/python benchmarks/generate_load.py [--run runs/gpt_bible_char] [--requests 256]
         [--concurrency 16] [--max-tokens 64] [--max-batch-size 16] [--train-steps 100]
 
 Serves a causal language model (--run; else configs/gpt_bible_char.yaml trained for
@@ -111,7 +111,7 @@ def phase(name: str, run: Path, flags: list[str], bodies: list[dict], args: Any)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch-size", type=int, default=16)
