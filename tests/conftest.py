@@ -175,3 +175,23 @@ def assert_equal_tree(a: Any, b: Any, where: str = "") -> None:
             assert_equal_tree(x, y, f"{where}[{i}]")
     else:
         assert a == b, where
+
+
+def resumable_mlp_config(folder: Path, name: str, seed: int, **train: Any) -> dict:
+    """The MLP config the resume and crash tests interrupt: dropout and a shuffled sampler, so
+    an inexact resume (RNG, data position, schedule) shows in the weights. `train` overrides."""
+    return {
+        "name": name,
+        "seed": seed,
+        "data": {"dataset": str(folder)},
+        "model": {"type": "mlp", "hidden_sizes": [32, 32], "dropout": 0.3},
+        "train": {
+            "batch_size": 8,
+            "sampler": "shuffle",
+            "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
+            "precision": "fp32",
+            "threads": 1,
+            "tensorboard": False,
+            **train,
+        },
+    }

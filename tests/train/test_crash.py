@@ -25,7 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import assert_equal_tree, write_idx_folder
+from conftest import assert_equal_tree, resumable_mlp_config, write_idx_folder
 from danlu import models
 from danlu.data import DataSpec
 from danlu.rundir import RunDir
@@ -41,26 +41,11 @@ TIMEOUT = 180
 
 def write_config(root: Path, max_steps: int = MAX_STEPS) -> Path:
     folder = write_idx_folder(root / "idx", train=150)
-    config = {
-        "name": "crash",
-        "seed": 5,
-        "data": {"dataset": str(folder)},
-        "model": {"type": "mlp", "hidden_sizes": [32, 32], "dropout": 0.3},
-        "train": {
-            "max_steps": max_steps,
-            "batch_size": 8,
-            "sampler": "shuffle",
-            "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
-            "schedule": {"name": "cosine", "warmup_steps": 20},
-            "eval_every": 2 * EVERY,
-            "checkpoint_every": EVERY,
-            "log_every": LOG_EVERY,
-            "keep_checkpoints": 3,
-            "precision": "fp32",
-            "threads": 1,
-            "tensorboard": False,
-        },
-    }
+    config = resumable_mlp_config(
+        folder, "crash", 5, max_steps=max_steps, eval_every=2 * EVERY, checkpoint_every=EVERY,
+        log_every=LOG_EVERY, keep_checkpoints=3,
+        schedule={"name": "cosine", "warmup_steps": 20},
+    )  # fmt: skip
     path = root / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -20,7 +20,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from conftest import assert_equal_tree, write_idx_folder
+from conftest import assert_equal_tree, resumable_mlp_config, write_idx_folder
 
 MAX_STEPS = 600
 EVERY = 20  # eval_every and checkpoint_every
@@ -35,26 +35,11 @@ class Runs:
     def __init__(self, root: Path) -> None:
         self.root = root
         folder = write_idx_folder(root / "idx", train=150)
-        config = {
-            "name": "resume",
-            "seed": 3,
-            "data": {"dataset": str(folder)},
-            "model": {"type": "mlp", "hidden_sizes": [32, 32], "dropout": 0.3},
-            "train": {
-                "max_steps": MAX_STEPS,
-                "batch_size": 8,
-                "sampler": "shuffle",
-                "optimizer": {"name": "adamw", "lr": 0.003, "weight_decay": 0.01},
-                "schedule": {"name": "cosine", "warmup_steps": 30},
-                "eval_every": EVERY,
-                "checkpoint_every": EVERY,
-                "log_every": LOG_EVERY,
-                "keep_checkpoints": 2,
-                "precision": "fp32",
-                "threads": 1,
-                "tensorboard": False,
-            },
-        }
+        config = resumable_mlp_config(
+            folder, "resume", 3, max_steps=MAX_STEPS, eval_every=EVERY, checkpoint_every=EVERY,
+            log_every=LOG_EVERY, keep_checkpoints=2,
+            schedule={"name": "cosine", "warmup_steps": 30},
+        )  # fmt: skip
         self.config = root / "config.yaml"
         self.config.write_text(yaml.safe_dump(config))
         self.a = root / "A"
